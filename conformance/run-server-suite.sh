@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs the official server conformance suite against our server.
+# Usage: conformance/run-server-suite.sh memory|sqlite [extra vitest args]
+# Needs: the project installed in .venv (or PYTHON set), `npm ci` done in conformance/.
+set -euo pipefail
+backend="${1:-memory}"; shift || true
+here="$(cd "$(dirname "$0")" && pwd)"
+python="${PYTHON:-$here/../.venv/bin/python}"
+long_poll_ms=500
+workdir="$(mktemp -d)"
+args=(--host 127.0.0.1 --port 0 --long-poll-timeout 0.5)
+[ "$backend" = sqlite ] && args+=(--data-dir "$workdir/data")
+"$python" -m mock_server "${args[@]}" >"$workdir/server.log" 2>&1 &
+server_pid=$!
+cleanup() { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; rm -rf "$workdir"; }
+trap cleanup EXIT
+url=""
+for _ in $(seq 1 100); do
+  url="$(grep -oE 'http://127\.0\.0\.1:[0-9]+' "$workdir/server.log" | head -n1 || true)"
+  [ -n "$url" ] && break
+  kill -0 "$server_pid" 2>/dev/null || { cat "$workdir/server.log"; exit 1; }
+  sleep 0.1
+done
+[ -n "$url" ] || { echo "server did not start"; cat "$workdir/server.log"; exit 1; }
+echo "conformance: $backend backend at $url"
+cd "$here"
+DS_BASE_URL="$url" DS_LONG_POLL_MS="$long_poll_ms" npx vitest run --config vitest.config.mjs "$@"

@@ -1,0 +1,71 @@
+"""Command line: ``python -m mock_server [--host H] [--port P] [--data-dir DIR] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from ._server import Settings, run
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(
+        prog="python -m mock_server",
+        description="Durable Streams session server (in memory, or SQLite with --data-dir).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=4437, help="port (default 4437; 0 picks a free one)")
+    parser.add_argument("--data-dir", type=Path, help="keep streams in SQLite in this directory")
+    parser.add_argument(
+        "--durability", choices=["normal", "full"], default="normal",
+        help="SQLite sync: 'normal' survives a process crash, 'full' also power loss",
+    )
+    parser.add_argument("--long-poll-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long a long-poll waits before 204 (default 30)")
+    parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                        help="largest accepted request body; larger gets 413 (default 16 MiB)")
+    parser.add_argument("--sse-max-duration", type=float, default=60.0, metavar="SECONDS",
+                        help="close SSE responses after this long; clients resume (default 60)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="'debug' logs one line per request")
+    args = parser.parse_args(argv)
+    if args.long_poll_timeout <= 0:
+        parser.error("--long-poll-timeout must be positive")
+    return Settings(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        durability=args.durability,
+        long_poll_timeout=args.long_poll_timeout,
+        max_body_bytes=args.max_body_bytes,
+        sse_max_duration=args.sse_max_duration,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_args(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - Windows
+        runner = asyncio.run
+    try:
+        runner(run(settings))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,655 @@
+"""The HTTP front end: Durable Streams over a plain ASGI application.
+
+Routes:
+- ``{base}/v1/stream/{path}``: PUT create, POST append/close, GET read
+  (catch-up, ``live=long-poll``, ``live=sse``), HEAD, DELETE.
+- ``OPTIONS`` anywhere: CORS preflight.
+- ``GET /health``: liveness, as JSON.
+
+Every response carries the CORS and browser-hardening headers. Refusals are
+``text/plain`` with a one-line message; nothing is written for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from durable_client import _protocol as P
+
+from ._model import StreamState, parse_rfc3339
+from ._offsets import format_offset
+from ._store import (
+    AppendRequest,
+    AppendResult,
+    CreateRequest,
+    Producer,
+    ProtocolError,
+    ReadResult,
+    StreamStore,
+)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("mock_server")
+
+_TTL_RE = re.compile(r"^(0|[1-9]\d{0,11})$")
+_INT_RE = re.compile(r"^(0|[1-9]\d{0,15})$")
+_CONTENT_TYPE_RE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+(\s*;.*)?$")
+
+_CURSOR_EPOCH = 1728432000.0  # 2024-10-09T00:00:00Z
+_CURSOR_INTERVAL = 20
+
+_EXPOSED = ", ".join(
+    [
+        P.STREAM_NEXT_OFFSET,
+        P.STREAM_CURSOR,
+        P.STREAM_UP_TO_DATE,
+        P.STREAM_CLOSED,
+        P.STREAM_TTL,
+        P.STREAM_EXPIRES_AT,
+        P.STREAM_SSE_DATA_ENCODING,
+        P.PRODUCER_EPOCH,
+        P.PRODUCER_SEQ,
+        P.PRODUCER_EXPECTED_SEQ,
+        P.PRODUCER_RECEIVED_SEQ,
+        "ETag",
+        "Content-Type",
+        "Location",
+        "Retry-After",
+    ]
+)
+_ALLOWED = ", ".join(
+    [
+        "Content-Type",
+        "Authorization",
+        "If-None-Match",
+        "Last-Event-ID",
+        P.STREAM_SEQ,
+        P.STREAM_TTL,
+        P.STREAM_EXPIRES_AT,
+        P.STREAM_CLOSED,
+        P.STREAM_FORKED_FROM,
+        P.STREAM_FORK_OFFSET,
+        P.STREAM_FORK_SUB_OFFSET,
+        P.PRODUCER_ID,
+        P.PRODUCER_EPOCH,
+        P.PRODUCER_SEQ,
+    ]
+)
+_COMMON_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"access-control-allow-origin", b"*"),
+    (b"access-control-allow-methods", b"GET, POST, PUT, DELETE, HEAD, OPTIONS"),
+    (b"access-control-allow-headers", _ALLOWED.encode()),
+    (b"access-control-expose-headers", _EXPOSED.encode()),
+    (b"access-control-max-age", b"600"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"cross-origin-resource-policy", b"cross-origin"),
+]
+
+CACHEABLE = "public, max-age=60, stale-while-revalidate=300"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Tunables of the HTTP front end."""
+
+    long_poll_timeout: float = 30.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    sse_max_duration: float = 60.0
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+def cursor_for(client_cursor: str | None) -> str:
+    """The response cursor (protocol section 8.1): strictly past the client's if it is current."""
+    current = int((time.time() - _CURSOR_EPOCH) // _CURSOR_INTERVAL)
+    try:
+        given = int(client_cursor) if client_cursor else None
+    except ValueError:
+        given = None
+    if given is None or given < current:
+        return str(current)
+    jitter_seconds = random.randint(1, 3600)
+    return str(given + max(1, -(-jitter_seconds // _CURSOR_INTERVAL)))
+
+
+class Request:
+    """The parts of an ASGI HTTP request this server reads."""
+
+    __slots__ = ("headers", "method", "path", "query", "receive", "scope")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.method: str = scope["method"].upper()
+        self.path: str = scope["path"]
+        self.headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        self.query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    def param(self, name: str) -> str | None:
+        values = self.query.get(name)
+        if not values:
+            return None
+        if len(values) > 1:
+            raise ProtocolError(400, f"more than one {name!r} query parameter")
+        return values[0]
+
+    async def body(self, limit: int) -> bytes:
+        declared = self.header("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _BodyTooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def base_url(self) -> str:
+        host = self.header("host") or "127.0.0.1"
+        return f"{self.scope.get('scheme', 'http')}://{host}"
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+) -> None:
+    raw = list(_COMMON_HEADERS)
+    raw.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+    if status not in (204, 304):
+        raw.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _error(send: Send, error: ProtocolError) -> None:
+    headers = [("Content-Type", "text/plain; charset=utf-8"), *error.headers.items()]
+    await _respond(send, error.status, headers, (error.message + "\n").encode())
+
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _sse_event(event: str, payload: str) -> bytes:
+    """One SSE event. Every line break (CR, LF or CRLF) in the payload starts a new
+    ``data:`` line, so a payload can never end the event or inject another one."""
+    # A reader strips one space after "data:"; keep a payload's own leading space.
+    lines = "".join(
+        f"data: {line}\n" if line.startswith(" ") else f"data:{line}\n"
+        for line in _LINE_BREAK.split(payload)
+    )
+    return f"event: {event}\n{lines}\n".encode()
+
+
+class DurableStreamsApp:
+    """The ASGI application. ``store`` holds the streams; ``config`` the tunables."""
+
+    def __init__(
+        self,
+        store: StreamStore,
+        config: ServerConfig | None = None,
+        *,
+        extra_routes: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config or ServerConfig()
+        self.shutting_down = asyncio.Event()
+        self.started_at = time.time()
+        self.websocket_handler: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+        self.extra_routes = dict(extra_routes or {})
+
+    def begin_shutdown(self) -> None:
+        """Ends live reads (long-poll, SSE) so the server can stop promptly."""
+        self.shutting_down.set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(Request(scope, receive), send)
+        elif kind == "websocket" and self.websocket_handler is not None:
+            await self.websocket_handler(scope, receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "no WebSocket here"})
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.begin_shutdown()
+                self.store.storage.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, req: Request, send: Send) -> None:
+        started = time.perf_counter()
+        status_holder: list[int] = []
+
+        async def send_logged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder.append(message["status"])
+            await send(message)
+
+        try:
+            await self._route(req, send_logged)
+        except ProtocolError as exc:
+            await _error(send_logged, exc)
+        except _BodyTooLarge:
+            await _error(
+                send_logged,
+                ProtocolError(413, f"body larger than {self.config.max_body_bytes} bytes"),
+            )
+        except _Disconnected:
+            pass
+        finally:
+            if log.isEnabledFor(logging.DEBUG):
+                query = req.scope.get("query_string", b"").decode("latin-1")
+                log.debug(
+                    "%s %s%s -> %s (%.1f ms)",
+                    req.method,
+                    req.path,
+                    f"?{query}" if query else "",
+                    status_holder[0] if status_holder else "-",
+                    (time.perf_counter() - started) * 1000,
+                )
+
+    async def _route(self, req: Request, send: Send) -> None:
+        if req.method == "OPTIONS":
+            await _respond(send, 204)
+            return
+        if req.path in self.extra_routes:
+            await self.extra_routes[req.path](req.scope, req.receive, send)
+            return
+        if req.path == "/health":
+            body = json.dumps(
+                {"status": "ok", "streams": len(self.store.paths()),
+                 "uptime_s": round(time.time() - self.started_at, 3)}
+            ).encode()
+            await _respond(send, 200, [("Content-Type", "application/json")], body)
+            return
+        if not req.path.startswith(P.STREAM_PATH_PREFIX) or req.path == P.STREAM_PATH_PREFIX:
+            raise ProtocolError(404, "no such route; streams live under /v1/stream/{path}")
+        handlers = {
+            "PUT": self._create,
+            "POST": self._append,
+            "GET": self._read,
+            "HEAD": self._head,
+            "DELETE": self._delete,
+        }
+        handler = handlers.get(req.method)
+        if handler is None:
+            raise ProtocolError(405, f"method {req.method} is not allowed on a stream")
+        await handler(req, send)
+
+    # ------------------------------------------------------------------ PUT
+
+    async def _create(self, req: Request, send: Send) -> None:
+        content_type = req.header("content-type")
+        if content_type is not None and not content_type.strip():
+            content_type = None
+        if content_type is not None and not _CONTENT_TYPE_RE.match(content_type.strip()):
+            raise ProtocolError(400, f"invalid Content-Type {content_type!r}")
+        ttl_text = req.header(P.STREAM_TTL)
+        expires_text = req.header(P.STREAM_EXPIRES_AT)
+        if ttl_text is not None and expires_text is not None:
+            raise ProtocolError(400, "send Stream-TTL or Stream-Expires-At, not both")
+        ttl: int | None = None
+        if ttl_text is not None:
+            if not _TTL_RE.match(ttl_text):
+                raise ProtocolError(400, "Stream-TTL must be a plain non-negative integer of seconds")
+            ttl = int(ttl_text)
+        if expires_text is not None:
+            try:
+                parse_rfc3339(expires_text)
+            except ValueError:
+                raise ProtocolError(400, "Stream-Expires-At must be an RFC 3339 timestamp") from None
+        forked_from = req.header(P.STREAM_FORKED_FROM)
+        if forked_from is not None:
+            forked_from = self._stream_path(forked_from)
+        fork_offset = req.header(P.STREAM_FORK_OFFSET)
+        sub_text = req.header(P.STREAM_FORK_SUB_OFFSET)
+        sub_offset: int | None = None
+        if sub_text is not None:
+            if forked_from is None:
+                raise ProtocolError(400, "Stream-Fork-Sub-Offset needs Stream-Forked-From")
+            if not _INT_RE.match(sub_text):
+                raise ProtocolError(400, "Stream-Fork-Sub-Offset must be a non-negative integer")
+            sub_offset = int(sub_text)
+        if fork_offset is not None and forked_from is None:
+            raise ProtocolError(400, "Stream-Fork-Offset needs Stream-Forked-From")
+        body = await req.body(self.config.max_body_bytes)
+        state, created = self.store.create(
+            req.path,
+            CreateRequest(
+                content_type=content_type.strip() if content_type else None,
+                ttl_seconds=ttl,
+                expires_at=expires_text,
+                closed=P.header_true(req.header(P.STREAM_CLOSED)),
+                body=body,
+                forked_from=forked_from,
+                fork_offset=fork_offset,
+                fork_sub_offset=sub_offset,
+            ),
+        )
+        headers = [("Content-Type", state.content_type), (P.STREAM_NEXT_OFFSET, state.tail_offset)]
+        if created:
+            headers.append(("Location", req.base_url() + req.path))
+        if state.closed:
+            headers.append((P.STREAM_CLOSED, "true"))
+        await _respond(send, 201 if created else 200, headers)
+
+    @staticmethod
+    def _stream_path(value: str) -> str:
+        path = urlsplit(value.strip()).path
+        if not path.startswith("/"):
+            path = P.STREAM_PATH_PREFIX + path
+        if not path.startswith(P.STREAM_PATH_PREFIX) or path == P.STREAM_PATH_PREFIX:
+            raise ProtocolError(400, "Stream-Forked-From must name a stream under /v1/stream/")
+        return path
+
+    # ------------------------------------------------------------------ POST
+
+    async def _append(self, req: Request, send: Send) -> None:
+        producer = self._producer(req)
+        body = await req.body(self.config.max_body_bytes)
+        result: AppendResult = self.store.append(
+            req.path,
+            AppendRequest(
+                body=body,
+                content_type=req.header("content-type"),
+                close=P.header_true(req.header(P.STREAM_CLOSED)),
+                stream_seq=req.header(P.STREAM_SEQ),
+                producer=producer,
+            ),
+        )
+        headers = [(P.STREAM_NEXT_OFFSET, result.next_offset)]
+        if result.closed:
+            headers.append((P.STREAM_CLOSED, "true"))
+        if result.producer is not None:
+            headers.append((P.PRODUCER_EPOCH, str(result.producer.epoch)))
+            headers.append((P.PRODUCER_SEQ, str(result.producer.seq)))
+        await _respond(send, result.status, headers)
+
+    @staticmethod
+    def _producer(req: Request) -> Producer | None:
+        pid = req.header(P.PRODUCER_ID)
+        epoch = req.header(P.PRODUCER_EPOCH)
+        seq = req.header(P.PRODUCER_SEQ)
+        given = [v is not None for v in (pid, epoch, seq)]
+        if not any(given):
+            return None
+        if pid is None or epoch is None or seq is None:
+            raise ProtocolError(400, "send Producer-Id, Producer-Epoch and Producer-Seq together")
+        if not pid.strip():
+            raise ProtocolError(400, "Producer-Id must not be empty")
+        numbers = []
+        for name, text in ((P.PRODUCER_EPOCH, epoch), (P.PRODUCER_SEQ, seq)):
+            if not _INT_RE.match(text) or int(text) > P.MAX_PRODUCER_NUMBER:
+                raise ProtocolError(400, f"{name} must be an integer from 0 to 2^53-1")
+            numbers.append(int(text))
+        return Producer(pid, numbers[0], numbers[1])
+
+    # ------------------------------------------------------------------ HEAD / DELETE
+
+    async def _head(self, req: Request, send: Send) -> None:
+        state = self.store.require(req.path)
+        headers = [
+            ("Content-Type", state.content_type),
+            (P.STREAM_NEXT_OFFSET, state.tail_offset),
+            ("Cache-Control", "no-store"),
+            ("ETag", self._etag(state, P.OFFSET_BEGINNING, state.tail_offset, state.closed)),
+        ]
+        if state.closed:
+            headers.append((P.STREAM_CLOSED, "true"))
+        if state.ttl_seconds is not None:
+            headers.append((P.STREAM_TTL, str(state.ttl_seconds)))
+        if state.expires_at is not None:
+            headers.append((P.STREAM_EXPIRES_AT, state.expires_at))
+        await _respond(send, 200, headers)
+
+    async def _delete(self, req: Request, send: Send) -> None:
+        self.store.delete(req.path)
+        await _respond(send, 204)
+
+    # ------------------------------------------------------------------ GET
+
+    @staticmethod
+    def _etag(state: StreamState, start: str, end: str, closed: bool) -> str:
+        return f'"{state.stream_id}:{start}:{end}{":c" if closed else ""}"'
+
+    @staticmethod
+    def _payload(state: StreamState, result: ReadResult) -> bytes:
+        if P.is_json(state.content_type):
+            return b"[" + b",".join(r.data for r in result.records) + b"]"
+        return b"".join(r.data for r in result.records)
+
+    async def _read(self, req: Request, send: Send) -> None:
+        state = self.store.require(req.path)
+        offset = req.param(P.OFFSET_PARAM)
+        live = req.param(P.LIVE_PARAM)
+        cursor = req.param(P.CURSOR_PARAM)
+        if offset == "":
+            raise ProtocolError(400, "empty offset")
+        if live not in (None, P.LIVE_LONG_POLL, P.LIVE_SSE):
+            raise ProtocolError(400, "live must be long-poll or sse")
+        if live is not None and offset is None:
+            raise ProtocolError(400, f"live={live} needs an offset (use -1 for the beginning)")
+        position = self.store.parse_read_offset(state, offset)
+        self.store.touch(state)
+        if live == P.LIVE_SSE:
+            await self._sse(req, send, state, position, cursor)
+            return
+        if live == P.LIVE_LONG_POLL:
+            await self._long_poll(req, send, state, position, cursor)
+            return
+        if offset == P.OFFSET_NOW:
+            headers = [
+                ("Content-Type", state.content_type),
+                (P.STREAM_NEXT_OFFSET, state.tail_offset),
+                (P.STREAM_UP_TO_DATE, "true"),
+                ("Cache-Control", "no-store"),
+            ]
+            if state.closed:
+                headers.append((P.STREAM_CLOSED, "true"))
+            await _respond(send, 200, headers, b"[]" if P.is_json(state.content_type) else b"")
+            return
+        await self._send_read(req, send, state, offset or P.OFFSET_BEGINNING,
+                              self.store.read(state, position), cursor=None)
+
+    async def _send_read(
+        self,
+        req: Request,
+        send: Send,
+        state: StreamState,
+        start: str,
+        result: ReadResult,
+        cursor: str | None,
+    ) -> None:
+        etag = self._etag(state, start, result.next_offset, result.closed)
+        headers = [
+            ("Content-Type", state.content_type),
+            (P.STREAM_NEXT_OFFSET, result.next_offset),
+            ("ETag", etag),
+            # A chunk that stops short of the tail never changes; one that
+            # reaches it does as soon as anything is appended.
+            ("Cache-Control", "no-cache" if result.up_to_date else CACHEABLE),
+        ]
+        if result.up_to_date:
+            headers.append((P.STREAM_UP_TO_DATE, "true"))
+        if result.closed:
+            headers.append((P.STREAM_CLOSED, "true"))
+        if cursor is not None:
+            headers.append((P.STREAM_CURSOR, cursor))
+        if req.header("if-none-match") == etag:
+            await _respond(send, 304, [("ETag", etag)])
+            return
+        await _respond(send, 200, headers, self._payload(state, result))
+
+    async def _long_poll(
+        self, req: Request, send: Send, state: StreamState, position: int, cursor: str | None
+    ) -> None:
+        start = format_offset(position)
+        deadline = time.monotonic() + self.config.long_poll_timeout
+        while True:
+            result = self.store.read(state, position)
+            if result.records:
+                await self._send_read(req, send, state, start, result, cursor_for(cursor))
+                return
+            if state.closed:
+                await _respond(send, 204, [
+                    (P.STREAM_NEXT_OFFSET, result.next_offset),
+                    (P.STREAM_UP_TO_DATE, "true"),
+                    (P.STREAM_CLOSED, "true"),
+                    ("Cache-Control", "no-store"),
+                ])
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.shutting_down.is_set():
+                await _respond(send, 204, [
+                    (P.STREAM_NEXT_OFFSET, result.next_offset),
+                    (P.STREAM_UP_TO_DATE, "true"),
+                    (P.STREAM_CURSOR, cursor_for(cursor)),
+                    ("Cache-Control", "no-store"),
+                ])
+                return
+            await self._wait_change(state.path, remaining)
+            current = self.store.get(state.path)
+            if current is None or current is not state:
+                raise ProtocolError(404, "stream was deleted")
+            if current.soft_deleted:
+                raise ProtocolError(410, "stream was deleted")
+            self.store.touch(state)
+
+    async def _wait_change(self, path: str, timeout: float) -> bool:
+        """Wait for the stream to change, the server to shut down, or the timeout."""
+        if self.shutting_down.is_set():
+            return False
+        change = asyncio.ensure_future(self.store.wait(path, timeout))
+        stop = asyncio.ensure_future(self.shutting_down.wait())
+        try:
+            done, _ = await asyncio.wait({change, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (change, stop):
+                task.cancel()
+        return change in done and bool(change.result())
+
+    async def _sse(
+        self, req: Request, send: Send, state: StreamState, position: int, cursor: str | None
+    ) -> None:
+        binary = not P.is_text_compatible(state.content_type)
+        headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        if binary:
+            headers.append((P.STREAM_SSE_DATA_ENCODING.lower().encode(), b"base64"))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*_COMMON_HEADERS, *headers]})
+        disconnected = asyncio.Event()
+
+        async def watch_disconnect() -> None:
+            while (await req.receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+
+        watcher = asyncio.ensure_future(watch_disconnect())
+        ends_at = time.monotonic() + self.config.sse_max_duration
+        try:
+            await self._sse_loop(send, state, position, cursor, binary, ends_at, disconnected)
+        finally:
+            watcher.cancel()
+        if not disconnected.is_set():
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _sse_loop(
+        self,
+        send: Send,
+        state: StreamState,
+        position: int,
+        cursor: str | None,
+        binary: bool,
+        ends_at: float,
+        disconnected: asyncio.Event,
+    ) -> None:
+        async def emit(chunk: bytes) -> None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        def control(next_offset: str, up_to_date: bool, closed: bool) -> bytes:
+            data: dict[str, Any] = {P.SSE_NEXT_OFFSET: next_offset}
+            if closed:
+                data[P.SSE_CLOSED] = True
+            else:
+                data[P.SSE_CURSOR] = cursor_for(cursor)
+                if up_to_date:
+                    data[P.SSE_UP_TO_DATE] = True
+            return _sse_event("control", json.dumps(data, separators=(",", ":")))
+
+        first = True
+        while not disconnected.is_set() and not self.shutting_down.is_set():
+            current = self.store.get(state.path)
+            if current is not state or state.soft_deleted:
+                return  # deleted under us: end the response; the reconnect gets 404/410
+            result = self.store.read(state, position)
+            chunk = b""
+            if result.records:
+                payload = self._payload(state, result)
+                text = base64.b64encode(payload).decode() if binary else payload.decode("utf-8")
+                chunk += _sse_event("data", text)
+            if result.records or first:
+                chunk += control(result.next_offset, result.up_to_date, result.closed)
+                await emit(chunk)
+            first = False
+            position = result.end
+            if result.closed:
+                return
+            if not result.up_to_date:
+                continue
+            remaining = ends_at - time.monotonic()
+            if remaining <= 0:
+                return
+            changed = await self._wait_change(state.path, min(self.config.long_poll_timeout, remaining))
+            if not changed and not disconnected.is_set() and not self.shutting_down.is_set():
+                result = self.store.read(state, position)
+                if not result.records:
+                    await emit(control(result.next_offset, True, result.closed))
+                    if result.closed:
+                        return
+            self.store.touch(state)
+

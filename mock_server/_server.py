@@ -1,0 +1,153 @@
+"""Running the server: build the app, serve it with uvicorn, stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import uvicorn
+
+from ._http import DurableStreamsApp, ServerConfig
+from ._storage import MemoryStorage, SqliteStorage, Storage
+from ._store import StreamStore
+
+log = logging.getLogger("mock_server")
+
+
+@dataclass
+class Settings:
+    """Everything the command line can set."""
+
+    host: str = "127.0.0.1"
+    port: int = 4437
+    data_dir: Path | None = None
+    durability: Literal["normal", "full"] = "normal"
+    long_poll_timeout: float = 30.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    sse_max_duration: float = 60.0
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_app(settings: Settings) -> DurableStreamsApp:
+    """The ASGI application for ``settings`` (SQLite storage when a data dir is given)."""
+    storage: Storage = (
+        SqliteStorage(settings.data_dir, settings.durability)
+        if settings.data_dir is not None
+        else MemoryStorage()
+    )
+    config = ServerConfig(
+        long_poll_timeout=settings.long_poll_timeout,
+        max_body_bytes=settings.max_body_bytes,
+        sse_max_duration=settings.sse_max_duration,
+    )
+    return DurableStreamsApp(StreamStore(storage), config)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but live reads end as soon as a stop is asked for."""
+
+    def __init__(self, config: uvicorn.Config, app: DurableStreamsApp) -> None:
+        super().__init__(config)
+        self.durable_app = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.durable_app.begin_shutdown()
+        super().handle_exit(sig, frame)
+
+
+def _uvicorn_config(app: DurableStreamsApp, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http="httptools",
+        ws="websockets-sansio",
+        lifespan="on",
+        log_level=settings.log_level,
+        access_log=False,  # our own request log line, at debug level
+        timeout_graceful_shutdown=5,
+        ws_ping_interval=None,
+        ws_ping_timeout=None,
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    app = build_app(settings)
+    sock = bind(settings.host, settings.port)
+    server = _Server(_uvicorn_config(app, settings), app)
+    storage = f"sqlite at {settings.data_dir}" if settings.data_dir else "in memory"
+    print(f"durable session server on {url_of(sock)} (streams {storage}; Ctrl-C stops)", flush=True)
+    await server.serve(sockets=[sock])
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: DurableStreamsApp
+
+    @property
+    def store(self) -> StreamStore:
+        return self.app.store
+
+
+@asynccontextmanager
+async def serve(
+    *,
+    data_dir: str | Path | None = None,
+    long_poll_timeout: float = 1.0,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    **overrides: Any,
+) -> AsyncIterator[RunningServer]:
+    """Run the server in this event loop on an ephemeral loopback port.
+
+    Yields a ``RunningServer`` whose ``url`` is the base URL (streams at
+    ``{url}/v1/stream/...``). Stops the server, ending live reads, on exit.
+    """
+    settings = Settings(
+        host=host,
+        port=port,
+        data_dir=Path(data_dir) if data_dir is not None else None,
+        long_poll_timeout=long_poll_timeout,
+        log_level="warning",
+        **overrides,
+    )
+    app = build_app(settings)
+    sock = bind(host, port)
+    server = _Server(_uvicorn_config(app, settings), app)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("server stopped before it started")
+            await asyncio.sleep(0.01)
+        yield RunningServer(url_of(sock), app)
+    finally:
+        app.begin_shutdown()
+        server.should_exit = True
+        await task
+        sock.close()

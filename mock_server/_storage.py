@@ -1,0 +1,224 @@
+"""Storage backends: where streams live between requests and across restarts.
+
+The protocol logic (``_store.StreamStore``) keeps every stream's working state
+in memory and hands each mutation to a ``Storage`` *before* it applies it, in
+one call per request. A backend that raises leaves memory untouched, so a
+rejected or failed request changes nothing.
+
+- ``MemoryStorage``: keeps nothing; the default. State ends with the process.
+- ``SqliteStorage``: one SQLite database in a data directory. Each mutation is
+  one transaction, committed before the response is sent, so an acknowledged
+  append, a producer's state and a closure survive ``kill -9``. WAL mode with
+  ``synchronous=NORMAL`` survives a process crash; ``synchronous=FULL`` (the
+  ``durability="full"`` option) also survives power loss, at an fsync per write.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from ._model import ProducerState, Record, StreamState
+
+_META_FIELDS = (
+    "stream_id",
+    "content_type",
+    "created_at",
+    "ttl_seconds",
+    "expires_at",
+    "closed",
+    "closed_by",
+    "forked_from",
+    "fork_offset",
+    "fork_sub_offset",
+    "base",
+    "stream_seq",
+    "ref_count",
+    "soft_deleted",
+    "trimmed_to",
+    "last_access",
+)
+
+
+class Storage(Protocol):
+    """Where the store writes each mutation before applying it in memory."""
+
+    def load(self) -> list[StreamState]:
+        """Every stored stream, with its records and producer states."""
+        ...
+
+    def commit(
+        self,
+        state: StreamState,
+        records: Sequence[Record] = (),
+        producer: tuple[str, ProducerState] | None = None,
+    ) -> None:
+        """Atomically store ``state``'s metadata, new ``records`` and one producer's state."""
+        ...
+
+    def delete(self, path: str) -> None:
+        """Remove a stream and everything it holds."""
+        ...
+
+    def trim(self, state: StreamState, before: int) -> None:
+        """Drop the records of ``state`` that end at or before ``before``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStorage:
+    """Keeps nothing: the in-memory state is all there is."""
+
+    def load(self) -> list[StreamState]:
+        return []
+
+    def commit(
+        self,
+        state: StreamState,
+        records: Sequence[Record] = (),
+        producer: tuple[str, ProducerState] | None = None,
+    ) -> None:
+        return None
+
+    def delete(self, path: str) -> None:
+        return None
+
+    def trim(self, state: StreamState, before: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _meta_json(state: StreamState) -> str:
+    meta: dict[str, Any] = {name: getattr(state, name) for name in _META_FIELDS}
+    return json.dumps(meta, separators=(",", ":"))
+
+
+class SqliteStorage:
+    """Streams in one SQLite database file under ``data_dir``."""
+
+    def __init__(self, data_dir: str | Path, durability: Literal["normal", "full"] = "normal"):
+        directory = Path(data_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "streams.sqlite3"
+        # The server is single-threaded asyncio; every call comes from the loop thread.
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={durability.upper()}")
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS streams (
+                path TEXT PRIMARY KEY,
+                meta TEXT NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS records (
+                path TEXT NOT NULL,
+                end_pos INTEGER NOT NULL,
+                data BLOB NOT NULL,
+                count INTEGER NOT NULL,
+                PRIMARY KEY (path, end_pos)
+            ) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS producers (
+                path TEXT NOT NULL,
+                producer_id TEXT NOT NULL,
+                epoch INTEGER NOT NULL,
+                last_seq INTEGER NOT NULL,
+                updated_at REAL NOT NULL,
+                PRIMARY KEY (path, producer_id)
+            ) WITHOUT ROWID;
+            """
+        )
+
+    def load(self) -> list[StreamState]:
+        states: dict[str, StreamState] = {}
+        for path, meta_text in self._db.execute("SELECT path, meta FROM streams"):
+            meta = json.loads(meta_text)
+            closed_by = meta.pop("closed_by")
+            state = StreamState(
+                path=path,
+                closed_by=tuple(closed_by) if closed_by else None,
+                **meta,
+            )
+            states[path] = state
+        rows: Iterable[tuple[str, int, bytes, int]] = self._db.execute(
+            "SELECT path, end_pos, data, count FROM records ORDER BY path, end_pos"
+        )
+        for path, end, data, count in rows:
+            owner = states.get(path)
+            if owner is not None:
+                owner.records.append(Record(end, bytes(data), count))
+                owner.ends.append(end)
+        for path, producer_id, epoch, last_seq, updated_at in self._db.execute(
+            "SELECT path, producer_id, epoch, last_seq, updated_at FROM producers"
+        ):
+            owner = states.get(path)
+            if owner is not None:
+                owner.producers[producer_id] = ProducerState(epoch, last_seq, updated_at)
+        return list(states.values())
+
+    def commit(
+        self,
+        state: StreamState,
+        records: Sequence[Record] = (),
+        producer: tuple[str, ProducerState] | None = None,
+    ) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "INSERT INTO streams (path, meta) VALUES (?, ?) "
+                "ON CONFLICT(path) DO UPDATE SET meta = excluded.meta",
+                (state.path, _meta_json(state)),
+            )
+            if records:
+                db.executemany(
+                    "INSERT INTO records (path, end_pos, data, count) VALUES (?, ?, ?, ?)",
+                    [(state.path, r.end, r.data, r.count) for r in records],
+                )
+            if producer is not None:
+                producer_id, ps = producer
+                db.execute(
+                    "INSERT INTO producers (path, producer_id, epoch, last_seq, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(path, producer_id) DO UPDATE SET "
+                    "epoch = excluded.epoch, last_seq = excluded.last_seq, "
+                    "updated_at = excluded.updated_at",
+                    (state.path, producer_id, ps.epoch, ps.last_seq, ps.updated_at),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def delete(self, path: str) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for table in ("streams", "records", "producers"):
+                db.execute(f"DELETE FROM {table} WHERE path = ?", (path,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def trim(self, state: StreamState, before: int) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "DELETE FROM records WHERE path = ? AND end_pos <= ?", (state.path, before)
+            )
+            db.execute(
+                "UPDATE streams SET meta = ? WHERE path = ?", (_meta_json(state), state.path)
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self._db.close()

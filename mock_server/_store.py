@@ -1,0 +1,556 @@
+"""The Durable Streams protocol state machine, independent of HTTP.
+
+``StreamStore`` decides every outcome of create / append / close / read /
+delete as a status code and headers (``ProtocolError`` for refusals), so the
+HTTP front end and the WebSocket front end answer the same way. All mutations
+are synchronous and happen on the event loop thread, so validation, the write
+to storage and the update in memory are one indivisible step per request:
+that is what serializes each idempotent producer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from durable_client import _protocol as P
+
+from ._model import ProducerState, Record, StreamState, parse_rfc3339
+from ._offsets import InvalidOffset, format_offset, parse_offset
+from ._storage import MemoryStorage, Storage
+
+PRODUCER_STATE_TTL = 7 * 24 * 3600.0
+
+
+class ProtocolError(Exception):
+    """A request the protocol refuses: an HTTP status, a short message, extra headers."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    content_type: str | None = None
+    ttl_seconds: int | None = None
+    expires_at: str | None = None
+    closed: bool = False
+    body: bytes = b""
+    forked_from: str | None = None
+    fork_offset: str | None = None
+    fork_sub_offset: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Producer:
+    id: str
+    epoch: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    body: bytes
+    content_type: str | None = None
+    close: bool = False
+    stream_seq: str | None = None
+    producer: Producer | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    status: int  # 200 new producer append, 204 plain append / duplicate / close
+    next_offset: str
+    closed: bool
+    producer: Producer | None = None
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    records: list[Record]
+    end: int  # the position the next read starts after
+    next_offset: str
+    up_to_date: bool
+    closed: bool  # the stream is closed and this read reaches its final offset
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _strict_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_json_messages(body: bytes, *, allow_empty: bool) -> tuple[bytes, int]:
+    """A JSON-mode body as (comma-joined compact messages, message count).
+
+    A top-level array is flattened by one level. Raises ``ProtocolError(400)``.
+    """
+    try:
+        value = json.loads(
+            body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_strict_float
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(400, f"invalid JSON body: {exc}") from None
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        if allow_empty:
+            return b"", 0
+        raise ProtocolError(400, "an empty JSON array appends nothing")
+    return ",".join(_dump(item) for item in items).encode(), len(items)
+
+
+def json_items(record: Record) -> list[Any]:
+    parsed: list[Any] = json.loads(b"[" + record.data + b"]")
+    return parsed
+
+
+class StreamStore:
+    """All streams of one server, with their waiters."""
+
+    def __init__(
+        self,
+        storage: Storage | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_read_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.storage: Storage = storage if storage is not None else MemoryStorage()
+        self._clock = clock
+        self.max_read_bytes = max_read_bytes
+        self._streams: dict[str, StreamState] = {}
+        self._changed: dict[str, asyncio.Future[None]] = {}
+        now = clock()
+        for state in self.storage.load():
+            # Reads refresh a sliding TTL without a write; after a restart the
+            # last access is unknown, so count it as now (never expire early).
+            state.last_access = now
+            self._streams[state.path] = state
+        for state in self._streams.values():
+            if state.forked_from is not None and state.forked_from in self._streams:
+                self._streams[state.forked_from].ref_count += 1
+
+    # ------------------------------------------------------------------ access
+
+    def paths(self) -> list[str]:
+        return list(self._streams)
+
+    def peek(self, path: str) -> StreamState | None:
+        """The stream at ``path`` as stored, expired or not."""
+        return self._streams.get(path)
+
+    def get(self, path: str) -> StreamState | None:
+        """The live (or soft-deleted) stream at ``path``; expires it if its time is up."""
+        state = self._streams.get(path)
+        if state is None:
+            return None
+        if not state.soft_deleted and state.is_expired(self._clock()):
+            if state.ref_count > 0:
+                self._commit(state, soft_deleted=True)
+                self._notify(path)
+                return state
+            self._delete_cascade(state)
+            return None
+        return state
+
+    def require(self, path: str) -> StreamState:
+        """The live stream at ``path``: 404 if there is none, 410 if soft-deleted."""
+        state = self.get(path)
+        if state is None:
+            raise ProtocolError(404, "stream not found")
+        if state.soft_deleted:
+            raise ProtocolError(410, "stream is gone (deleted; its forks still use its data)")
+        return state
+
+    def touch(self, state: StreamState) -> None:
+        """Refresh a sliding TTL (every read or write that reaches the server but HEAD)."""
+        state.last_access = self._clock()
+
+    # ------------------------------------------------------------------ create
+
+    def create(self, path: str, req: CreateRequest) -> tuple[StreamState, bool]:
+        """Create ``path``; returns (stream, created). Same config again is (existing, False)."""
+        existing = self._streams.get(path)
+        if existing is not None:
+            if existing.soft_deleted:
+                raise ProtocolError(
+                    409, "stream was deleted but its forks still use it; the path cannot be reused"
+                )
+            if existing.is_expired(self._clock()):
+                if existing.ref_count > 0:
+                    self._commit(existing, soft_deleted=True)
+                    raise ProtocolError(
+                        409, "stream expired but its forks still use it; the path cannot be reused"
+                    )
+                self._delete_cascade(existing)
+            elif self._same_config(existing, req):
+                return existing, False
+            else:
+                raise ProtocolError(409, "stream already exists with a different configuration")
+
+        source: StreamState | None = None
+        base = 0
+        prefix: Record | None = None
+        content_type = req.content_type
+        ttl, expires_at = req.ttl_seconds, req.expires_at
+        if req.forked_from is not None:
+            source = self._fork_source(req.forked_from)
+            if content_type is not None and P.media_type(content_type) != P.media_type(
+                source.content_type
+            ):
+                raise ProtocolError(409, "content type differs from the fork's source stream")
+            content_type = content_type or source.content_type
+            base = source.tail
+            if req.fork_offset is not None:
+                try:
+                    base = parse_offset(req.fork_offset)
+                except InvalidOffset:
+                    raise ProtocolError(400, "invalid Stream-Fork-Offset") from None
+                if base > source.tail:
+                    raise ProtocolError(400, "Stream-Fork-Offset is beyond the source's tail")
+                if base < source.trimmed_to:
+                    raise ProtocolError(410, "Stream-Fork-Offset is no longer retained")
+            if req.fork_sub_offset:
+                prefix = self._sub_offset_prefix(source, base, req.fork_sub_offset)
+            if ttl is None and expires_at is None:
+                ttl, expires_at = source.ttl_seconds, source.expires_at
+        content_type = content_type or P.DEFAULT_CONTENT_TYPE
+
+        now = self._clock()
+        state = StreamState(
+            path=path,
+            stream_id=uuid.uuid4().hex[:12],
+            content_type=content_type,
+            created_at=now,
+            ttl_seconds=ttl,
+            expires_at=expires_at,
+            closed=req.closed,
+            forked_from=req.forked_from,
+            fork_offset=base if source is not None else None,
+            fork_sub_offset=req.fork_sub_offset or 0,
+            base=base,
+            last_access=now,
+        )
+        records: list[Record] = []
+        if prefix is not None:
+            records.append(state.next_record(prefix.data, prefix.count))
+        if req.body:
+            data, count = self._encode(state, req.body, allow_empty=True)
+            if data:
+                after = records[-1].end if records else None
+                records.append(state.next_record(data, count, after=after))
+        self.storage.commit(state, records)
+        state.add_records(records)
+        self._streams[path] = state
+        if source is not None:
+            source.ref_count += 1
+        return state, True
+
+    def _same_config(self, state: StreamState, req: CreateRequest) -> bool:
+        requested_type = req.content_type
+        if requested_type is None and req.forked_from is None:
+            requested_type = P.DEFAULT_CONTENT_TYPE
+        same_type = requested_type is None or P.media_type(requested_type) == P.media_type(
+            state.content_type
+        )
+        same_fork = req.forked_from == state.forked_from and (
+            req.fork_offset is None
+            or (state.fork_offset is not None and req.fork_offset == format_offset(state.fork_offset))
+        )
+        ttl, expires_at = req.ttl_seconds, req.expires_at
+        if state.forked_from is not None and ttl is None and expires_at is None:
+            # A fork that set no expiry inherited its source's; compare against that.
+            ttl, expires_at = state.ttl_seconds, state.expires_at
+        return (
+            same_type
+            and ttl == state.ttl_seconds
+            and expires_at == state.expires_at
+            and req.closed == state.closed
+            and same_fork
+            and (req.fork_sub_offset or 0) == state.fork_sub_offset
+        )
+
+    def _fork_source(self, forked_from: str) -> StreamState:
+        source = self._streams.get(forked_from)
+        if source is None or (not source.soft_deleted and source.is_expired(self._clock())):
+            raise ProtocolError(404, "the fork's source stream does not exist")
+        if source.soft_deleted:
+            raise ProtocolError(409, "the fork's source stream was deleted")
+        return source
+
+    def _sub_offset_prefix(self, source: StreamState, base: int, sub_offset: int) -> Record:
+        following = self._collect(source, base, None)
+        if not following:
+            raise ProtocolError(400, "Stream-Fork-Sub-Offset: no append follows the fork offset")
+        first = following[0]
+        if P.is_json(source.content_type):
+            items = json_items(first)
+            if sub_offset > len(items):
+                raise ProtocolError(400, "Stream-Fork-Sub-Offset exceeds the append's messages")
+            data = ",".join(_dump(item) for item in items[:sub_offset]).encode()
+            return Record(0, data, sub_offset)
+        if sub_offset > len(first.data):
+            raise ProtocolError(400, "Stream-Fork-Sub-Offset exceeds the append's length")
+        return Record(0, first.data[:sub_offset])
+
+    # ------------------------------------------------------------------ append / close
+
+    def append(self, path: str, req: AppendRequest) -> AppendResult:
+        """Append (and/or close). Raises ``ProtocolError`` for every refusal."""
+        state = self.require(path)
+        self.touch(state)
+        producer = req.producer
+        if not req.body:
+            if not req.close:
+                raise ProtocolError(400, "empty body (send Stream-Closed: true to close)")
+            return self._close(state, producer)
+
+        if req.content_type is None:
+            raise ProtocolError(400, "Content-Type is required with a body")
+        if state.closed:
+            if producer is not None and state.closed_by == (producer.id, producer.epoch, producer.seq):
+                return AppendResult(204, state.tail_offset, True, producer, duplicate=True)
+            raise self._closed_error(state)
+        if P.media_type(req.content_type) != P.media_type(state.content_type):
+            raise ProtocolError(
+                409, f"Content-Type {req.content_type!r} does not match the stream's"
+                f" {state.content_type!r}"
+            )
+        proposed = self._validate_producer(state, producer) if producer is not None else None
+        if producer is not None and proposed is None:
+            return AppendResult(204, state.tail_offset, state.closed, self._echo(state, producer),
+                                duplicate=True)
+        if req.stream_seq is not None and state.stream_seq is not None:
+            if req.stream_seq.encode() <= state.stream_seq.encode():
+                raise ProtocolError(409, "Stream-Seq must increase")
+        data, count = self._encode(state, req.body, allow_empty=False)
+        record = state.next_record(data, count)
+        changes: dict[str, Any] = {}
+        if req.stream_seq is not None:
+            changes["stream_seq"] = req.stream_seq
+        if req.close:
+            changes["closed"] = True
+            if producer is not None:
+                changes["closed_by"] = (producer.id, producer.epoch, producer.seq)
+        producer_row = (producer.id, proposed) if producer is not None and proposed else None
+        self._commit(state, [record], producer_row, **changes)
+        self._notify(path)
+        return AppendResult(200 if producer else 204, format_offset(record.end), req.close, producer)
+
+    def _close(self, state: StreamState, producer: Producer | None) -> AppendResult:
+        if producer is None:
+            if not state.closed:
+                self._commit(state, closed=True)
+                self._notify(state.path)
+            return AppendResult(204, state.tail_offset, True)
+        if state.closed:
+            if state.closed_by == (producer.id, producer.epoch, producer.seq):
+                return AppendResult(204, state.tail_offset, True, producer, duplicate=True)
+            raise self._closed_error(state)
+        proposed = self._validate_producer(state, producer)
+        if proposed is None:
+            return AppendResult(204, state.tail_offset, False, self._echo(state, producer),
+                                duplicate=True)
+        self._commit(
+            state, (), (producer.id, proposed), closed=True,
+            closed_by=(producer.id, producer.epoch, producer.seq),
+        )
+        self._notify(state.path)
+        return AppendResult(204, state.tail_offset, True, producer)
+
+    @staticmethod
+    def _closed_error(state: StreamState) -> ProtocolError:
+        return ProtocolError(
+            409,
+            "stream is closed",
+            {P.STREAM_CLOSED: "true", P.STREAM_NEXT_OFFSET: state.tail_offset},
+        )
+
+    @staticmethod
+    def _echo(state: StreamState, producer: Producer) -> Producer:
+        current = state.producers[producer.id]
+        return Producer(producer.id, producer.epoch, current.last_seq)
+
+    def _validate_producer(self, state: StreamState, producer: Producer) -> ProducerState | None:
+        """The producer state this request would commit; None for a duplicate.
+
+        Raises 403 (stale epoch), 400 (new epoch not at seq 0), 409 (sequence gap).
+        """
+        now = self._clock()
+        for pid in [p for p, s in state.producers.items() if now - s.updated_at > PRODUCER_STATE_TTL]:
+            del state.producers[pid]
+        current = state.producers.get(producer.id)
+        if current is None or producer.epoch > current.epoch:
+            if producer.seq != 0:
+                if current is None:
+                    raise self._gap(0, producer.seq)
+                raise ProtocolError(400, "a new Producer-Epoch must start at Producer-Seq 0")
+            return ProducerState(producer.epoch, 0, now)
+        if producer.epoch < current.epoch:
+            raise ProtocolError(
+                403, "stale Producer-Epoch (fenced by a newer one)",
+                {P.PRODUCER_EPOCH: str(current.epoch)},
+            )
+        if producer.seq <= current.last_seq:
+            return None
+        if producer.seq == current.last_seq + 1:
+            return ProducerState(producer.epoch, producer.seq, now)
+        raise self._gap(current.last_seq + 1, producer.seq)
+
+    @staticmethod
+    def _gap(expected: int, received: int) -> ProtocolError:
+        return ProtocolError(
+            409,
+            f"Producer-Seq gap: expected {expected}, received {received}",
+            {P.PRODUCER_EXPECTED_SEQ: str(expected), P.PRODUCER_RECEIVED_SEQ: str(received)},
+        )
+
+    def _encode(self, state: StreamState, body: bytes, *, allow_empty: bool) -> tuple[bytes, int]:
+        if P.is_json(state.content_type):
+            return parse_json_messages(body, allow_empty=allow_empty)
+        return body, 1
+
+    def _commit(
+        self,
+        state: StreamState,
+        records: Sequence[Record] = (),
+        producer: tuple[str, ProducerState] | None = None,
+        **changes: Any,
+    ) -> None:
+        """Store a mutation, then apply it in memory (nothing changes if storage fails)."""
+        candidate = dataclasses.replace(state, **changes) if changes else state
+        self.storage.commit(candidate, records, producer)
+        for name, value in changes.items():
+            setattr(state, name, value)
+        if records:
+            state.add_records(list(records))
+        if producer is not None:
+            state.producers[producer[0]] = producer[1]
+
+    # ------------------------------------------------------------------ read
+
+    def parse_read_offset(self, state: StreamState, offset: str | None) -> int:
+        """The position a read starts after. 400 for a malformed or future offset, 410 if trimmed."""
+        if offset is None or offset == P.OFFSET_BEGINNING:
+            position = 0
+        elif offset == P.OFFSET_NOW:
+            return state.tail
+        else:
+            try:
+                position = parse_offset(offset)
+            except InvalidOffset:
+                raise ProtocolError(400, f"invalid offset {offset!r}") from None
+            if position > state.tail:
+                raise ProtocolError(400, "offset is beyond the end of the stream")
+        if position < state.trimmed_to:
+            raise ProtocolError(
+                410, "offset is no longer retained; read from the earliest retained offset",
+                {P.STREAM_NEXT_OFFSET: format_offset(state.trimmed_to)},
+            )
+        return position
+
+    def read(self, state: StreamState, after: int, max_bytes: int | None = None) -> ReadResult:
+        """Records after ``after``, at most about ``max_bytes`` (at least one record)."""
+        limit = self.max_read_bytes if max_bytes is None else max_bytes
+        records = self._collect(state, after, None)
+        size = 0
+        for index, record in enumerate(records):
+            size += len(record.data)
+            if size >= limit and index + 1 < len(records):
+                records = records[: index + 1]
+                end = records[-1].end
+                return ReadResult(records, end, format_offset(end), False, False)
+        end = records[-1].end if records else state.tail
+        return ReadResult(records, end, format_offset(end), True, state.closed and end == state.tail)
+
+    def _collect(self, state: StreamState, after: int, cap: int | None) -> list[Record]:
+        records: list[Record] = []
+        if state.forked_from is not None and after < state.base:
+            source = self._streams.get(state.forked_from)
+            if source is not None:
+                limit = state.base if cap is None else min(cap, state.base)
+                records.extend(self._collect(source, after, limit))
+        records.extend(state.own_records_after(after, cap))
+        return records
+
+    async def wait(self, path: str, timeout: float) -> bool:
+        """Wait until the stream at ``path`` changes; False on timeout."""
+        future = self._changed.get(path)
+        if future is None or future.done():
+            future = asyncio.get_running_loop().create_future()
+            self._changed[path] = future
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _notify(self, path: str) -> None:
+        future = self._changed.pop(path, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    # ------------------------------------------------------------------ delete / retention
+
+    def delete(self, path: str) -> None:
+        state = self._streams.get(path)
+        if state is None or (not state.soft_deleted and state.is_expired(self._clock())
+                             and state.ref_count == 0):
+            if state is not None:
+                self._delete_cascade(state)
+            raise ProtocolError(404, "stream not found")
+        if state.soft_deleted:
+            raise ProtocolError(410, "stream is gone (deleted; its forks still use its data)")
+        if state.ref_count > 0:
+            self._commit(state, soft_deleted=True)
+        else:
+            self._delete_cascade(state)
+        self._notify(path)
+
+    def _delete_cascade(self, state: StreamState) -> None:
+        self.storage.delete(state.path)
+        self._streams.pop(state.path, None)
+        self._notify(state.path)
+        if state.forked_from is None:
+            return
+        parent = self._streams.get(state.forked_from)
+        if parent is None:
+            return
+        parent.ref_count = max(0, parent.ref_count - 1)
+        if parent.ref_count == 0 and parent.soft_deleted:
+            self._delete_cascade(parent)
+
+    def trim(self, path: str, keep_last: int) -> int:
+        """Retention: drop all but the last ``keep_last`` own records; returns the new floor."""
+        state = self.require(path)
+        if state.ref_count > 0:
+            raise ProtocolError(409, "cannot trim a stream that forks still read from")
+        if keep_last >= len(state.records):
+            return state.trimmed_to
+        floor = state.records[-keep_last - 1].end if keep_last >= 0 else state.tail
+        candidate = dataclasses.replace(state, trimmed_to=floor)
+        self.storage.trim(candidate, floor)
+        cut = len(state.records) - keep_last
+        del state.records[:cut]
+        del state.ends[:cut]
+        state.trimmed_to = floor
+        return floor
