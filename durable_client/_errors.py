@@ -1,0 +1,415 @@
+"""The one error tree of the SDK.
+
+Everything ``durable_client`` raises on purpose derives from
+:class:`DurableError`. The first split says whether retrying can help::
+
+    DurableError                      every error the SDK raises
+    ├── RetryableError                retrying the same request may succeed
+    │   ├── TransportError            no complete HTTP answer arrived
+    │   │   ├── ConnectError          could not connect (refused, DNS, TLS)
+    │   │   ├── RequestTimeout        connect/read/write/pool timeout
+    │   │   └── ConnectionLost        the connection broke mid-answer
+    │   └── ServerBusy                the server asked us to come back later
+    │       ├── RateLimited           429 (Retry-After honoured)
+    │       └── ServerError           5xx (Retry-After honoured)
+    ├── FatalError                    retrying the same request cannot help
+    │   ├── StreamNotFound            404: no stream at that URL
+    │   ├── StreamConflict            409: exists with another config, wrong content type
+    │   │   ├── StreamClosed          409 + Stream-Closed: appends are refused for good
+    │   │   ├── SequenceConflict      409: Stream-Seq did not increase
+    │   │   └── SequenceGap           409: Producer-Seq skipped ahead (expected/received)
+    │   ├── OffsetGone                410: the offset is no longer retained (or soft-deleted)
+    │   ├── BadRequest                400: malformed request, bad offset, bad producer headers
+    │   ├── Unauthorized              401
+    │   ├── Forbidden                 403 without producer context
+    │   │   └── StaleEpoch            403 + Producer-Epoch: a newer producer epoch fenced us
+    │   ├── PayloadTooLarge           413
+    │   ├── UnexpectedStatus          any other status we cannot interpret
+    │   └── ProtocolViolation         the answer breaks the protocol (bad JSON, bad SSE, offsets)
+    └── UsageError                    the caller misused the API (also a ValueError)
+        └── ClientClosed              used after aclose()
+
+HTTP and transport exceptions from httpx are mapped at the boundary
+(``raise ... from exc``) and always carry the stream URL, so no httpx
+exception escapes the SDK. Reading a closed stream is *not* an error: every
+read mode ends cleanly at ``Stream-Closed``. Only appends to a closed stream
+raise :class:`StreamClosed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import httpx
+
+from ._protocol import (
+    PRODUCER_EPOCH,
+    PRODUCER_EXPECTED_SEQ,
+    PRODUCER_RECEIVED_SEQ,
+    STREAM_CLOSED,
+    STREAM_NEXT_OFFSET,
+    header_true,
+)
+
+__all__ = [
+    "BadRequest",
+    "ClientClosed",
+    "ConnectError",
+    "ConnectionLost",
+    "DurableError",
+    "FatalError",
+    "Forbidden",
+    "OffsetGone",
+    "PayloadTooLarge",
+    "ProtocolViolation",
+    "RateLimited",
+    "RequestTimeout",
+    "RetryableError",
+    "SequenceConflict",
+    "SequenceGap",
+    "ServerBusy",
+    "ServerError",
+    "StaleEpoch",
+    "StreamClosed",
+    "StreamConflict",
+    "StreamNotFound",
+    "TransportError",
+    "Unauthorized",
+    "UnexpectedStatus",
+    "UsageError",
+]
+
+
+class DurableError(Exception):
+    """Base of every error the SDK raises.
+
+    ``url`` is the stream URL the failed operation addressed (``None`` when the
+    error is not about one stream). ``status`` is the HTTP status when there
+    was an HTTP answer.
+    """
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.url = url
+        self.status = status
+        self.headers: dict[str, str] = {k.lower(): v for k, v in (headers or {}).items()}
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.status is not None:
+            parts.append(f"(HTTP {self.status})")
+        if self.url:
+            parts.append(f"[{self.url}]")
+        return " ".join(parts)
+
+
+# --- retryable ---------------------------------------------------------------
+
+
+class RetryableError(DurableError):
+    """Retrying the same request may succeed (after a delay)."""
+
+    retryable = True
+    #: Seconds the server asked us to wait (``Retry-After``), if it said.
+    retry_after: float | None = None
+
+
+class TransportError(RetryableError):
+    """No complete HTTP answer arrived."""
+
+
+class ConnectError(TransportError):
+    """The connection could not be established."""
+
+
+class RequestTimeout(TransportError):
+    """Connecting, sending or waiting for the answer took too long."""
+
+
+class ConnectionLost(TransportError):
+    """The connection broke before the answer was complete."""
+
+
+class ServerBusy(RetryableError):
+    """The server answered with a status that says "try again later"."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, url=url, status=status, headers=headers)
+        self.retry_after = retry_after
+
+
+class RateLimited(ServerBusy):
+    """HTTP 429."""
+
+
+class ServerError(ServerBusy):
+    """HTTP 5xx."""
+
+
+# --- fatal -------------------------------------------------------------------
+
+
+class FatalError(DurableError):
+    """Retrying the same request cannot help; the caller must change something."""
+
+
+class StreamNotFound(FatalError):
+    """HTTP 404: there is no stream at this URL (never created, deleted or expired)."""
+
+
+class StreamConflict(FatalError):
+    """HTTP 409: the stream exists with another configuration, or the content type differs."""
+
+
+class StreamClosed(StreamConflict):
+    """The stream is closed: no append will ever be accepted again.
+
+    ``final_offset`` is the stream's final offset when the server reported it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        final_offset: str | None = None,
+    ) -> None:
+        super().__init__(message, url=url, status=status, headers=headers)
+        self.final_offset = final_offset
+
+
+class SequenceConflict(StreamConflict):
+    """HTTP 409: the ``Stream-Seq`` writer sequence did not increase."""
+
+
+class SequenceGap(StreamConflict):
+    """HTTP 409: the producer sequence skipped ahead of what the server expected."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        expected_seq: int | None = None,
+        received_seq: int | None = None,
+    ) -> None:
+        super().__init__(message, url=url, status=status, headers=headers)
+        self.expected_seq = expected_seq
+        self.received_seq = received_seq
+
+
+class OffsetGone(FatalError):
+    """HTTP 410: the offset is older than what the server retains (or the stream was
+    soft-deleted). Reading on would leave a silent gap, so the SDK stops here."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        offset: str | None = None,
+    ) -> None:
+        super().__init__(message, url=url, status=status, headers=headers)
+        self.offset = offset
+
+
+class BadRequest(FatalError):
+    """HTTP 400: the server rejected the request as malformed."""
+
+
+class Unauthorized(FatalError):
+    """HTTP 401."""
+
+
+class Forbidden(FatalError):
+    """HTTP 403."""
+
+
+class StaleEpoch(Forbidden):
+    """HTTP 403 with ``Producer-Epoch``: a producer with a newer epoch fenced this one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        current_epoch: int | None = None,
+    ) -> None:
+        super().__init__(message, url=url, status=status, headers=headers)
+        self.current_epoch = current_epoch
+
+
+class PayloadTooLarge(FatalError):
+    """HTTP 413."""
+
+
+class UnexpectedStatus(FatalError):
+    """An HTTP status the operation does not expect."""
+
+
+class ProtocolViolation(FatalError):
+    """The server's answer breaks the protocol: malformed JSON or SSE, missing offsets."""
+
+
+# --- usage -------------------------------------------------------------------
+
+
+class UsageError(DurableError, ValueError):
+    """The caller passed an invalid argument or misused the API."""
+
+
+class ClientClosed(UsageError):
+    """The object was used after ``aclose()``."""
+
+
+# --- mapping at the boundary -------------------------------------------------
+
+
+def _parse_int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value.strip())
+    except ValueError:
+        return None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        import datetime as _dt
+
+        now = _dt.datetime.now(tz=when.tzinfo or _dt.UTC)
+        seconds = (when - now).total_seconds()
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, seconds)
+
+
+def error_from_response(
+    response: httpx.Response, *, url: str, operation: str, body: str | None = None
+) -> DurableError:
+    """Map a non-success HTTP answer to the error tree.
+
+    ``operation`` names what was attempted ("append", "read", ...) for the message.
+    ``body`` is the (already read) response text, if any, appended to the message.
+    """
+    status = response.status_code
+    h = response.headers
+    headers = dict(h)
+    detail = (body or "").strip()
+    if len(detail) > 200:
+        detail = detail[:200] + "..."
+    message = f"{operation} failed" + (f": {detail}" if detail else "")
+
+    if status == 429 or 500 <= status <= 599:
+        cls: type[ServerBusy] = RateLimited if status == 429 else ServerError
+        return cls(
+            message,
+            url=url,
+            status=status,
+            headers=headers,
+            retry_after=parse_retry_after(h.get("retry-after")),
+        )
+    if status == 409:
+        if header_true(h.get(STREAM_CLOSED)):
+            return StreamClosed(
+                f"{operation} failed: stream is closed",
+                url=url,
+                status=status,
+                headers=headers,
+                final_offset=h.get(STREAM_NEXT_OFFSET),
+            )
+        expected = _parse_int(h.get(PRODUCER_EXPECTED_SEQ))
+        received = _parse_int(h.get(PRODUCER_RECEIVED_SEQ))
+        if expected is not None or received is not None:
+            return SequenceGap(
+                f"{operation} failed: producer sequence gap "
+                f"(expected {expected}, received {received})",
+                url=url,
+                status=status,
+                headers=headers,
+                expected_seq=expected,
+                received_seq=received,
+            )
+        if "seq" in detail.lower():
+            return SequenceConflict(message, url=url, status=status, headers=headers)
+        return StreamConflict(message, url=url, status=status, headers=headers)
+    if status == 410:
+        return OffsetGone(
+            f"{operation} failed: offset no longer retained or stream deleted",
+            url=url,
+            status=status,
+            headers=headers,
+        )
+    if status == 403:
+        epoch = _parse_int(h.get(PRODUCER_EPOCH))
+        if epoch is not None:
+            return StaleEpoch(
+                f"{operation} failed: stale producer epoch (server epoch {epoch})",
+                url=url,
+                status=status,
+                headers=headers,
+                current_epoch=epoch,
+            )
+    simple: dict[int, tuple[type[FatalError], str]] = {
+        400: (BadRequest, message),
+        401: (Unauthorized, message),
+        403: (Forbidden, message),
+        404: (StreamNotFound, f"{operation} failed: stream not found"),
+        413: (PayloadTooLarge, message),
+    }
+    fatal_cls, text = simple.get(status, (UnexpectedStatus, f"{message} (unexpected status)"))
+    return fatal_cls(text, url=url, status=status, headers=headers)
+
+
+def error_from_httpx(exc: httpx.HTTPError, *, url: str, operation: str) -> DurableError:
+    """Map an httpx transport exception to the error tree (callers ``raise ... from exc``)."""
+    text = f"{operation} failed: {type(exc).__name__}: {exc}".rstrip(": ")
+    if isinstance(exc, httpx.TimeoutException):
+        return RequestTimeout(text, url=url)
+    if isinstance(exc, httpx.ConnectError):
+        return ConnectError(text, url=url)
+    if isinstance(exc, httpx.TransportError):
+        # ReadError, WriteError, RemoteProtocolError (peer closed mid-body), ...
+        return ConnectionLost(text, url=url)
+    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
+        return UsageError(text, url=url)
+    return ConnectionLost(text, url=url)
