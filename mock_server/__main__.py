@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -16,22 +17,45 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         prog="python -m mock_server",
         description="Durable Streams session server (in memory, or SQLite with --data-dir).",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=4437, help="port (default 4437; 0 picks a free one)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=4437, help="port (default 4437; 0 picks a free one)"
+    )
     parser.add_argument("--data-dir", type=Path, help="keep streams in SQLite in this directory")
     parser.add_argument(
-        "--durability", choices=["normal", "full"], default="normal",
+        "--durability",
+        choices=["normal", "full"],
+        default="normal",
         help="SQLite sync: 'normal' survives a process crash, 'full' also power loss",
     )
-    parser.add_argument("--long-poll-timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="how long a long-poll waits before 204 (default 30)")
-    parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
-                        help="largest accepted request body; larger gets 413 (default 16 MiB)")
-    parser.add_argument("--sse-max-duration", type=float, default=60.0, metavar="SECONDS",
-                        help="close SSE responses after this long; clients resume (default 60)")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"],
-                        help="'debug' logs one line per request")
+    parser.add_argument(
+        "--long-poll-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a long-poll waits before 204 (default 30)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="largest accepted request body; larger gets 413 (default 16 MiB)",
+    )
+    parser.add_argument(
+        "--sse-max-duration",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="close SSE responses after this long; clients resume (default 60)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="'debug' logs one line per request",
+    )
     args = parser.parse_args(argv)
     if args.long_poll_timeout <= 0:
         parser.error("--long-poll-timeout must be positive")
@@ -54,16 +78,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover - Windows
-        runner = asyncio.run
+        asyncio_run = asyncio.run
+    else:
+        asyncio_run = uvloop.run
+    # uvicorn stops gracefully on SIGTERM, then re-raises it; after a graceful
+    # stop that is not an error, so let the re-raised signal end us with status 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        runner(run(settings))
+        asyncio_run(run(settings))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
-        print(f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

@@ -145,7 +145,9 @@ class Request:
         self.headers: dict[str, str] = {}
         for name, value in scope["headers"]:
             self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-        self.query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        self.query: dict[str, list[str]] = parse_qs(
+            scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+        )
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -298,8 +300,11 @@ class DurableStreamsApp:
             return
         if req.path == "/health":
             body = json.dumps(
-                {"status": "ok", "streams": len(self.store.paths()),
-                 "uptime_s": round(time.time() - self.started_at, 3)}
+                {
+                    "status": "ok",
+                    "streams": len(self.store.paths()),
+                    "uptime_s": round(time.time() - self.started_at, 3),
+                }
             ).encode()
             await _respond(send, 200, [("Content-Type", "application/json")], body)
             return
@@ -332,13 +337,17 @@ class DurableStreamsApp:
         ttl: int | None = None
         if ttl_text is not None:
             if not _TTL_RE.match(ttl_text):
-                raise ProtocolError(400, "Stream-TTL must be a plain non-negative integer of seconds")
+                raise ProtocolError(
+                    400, "Stream-TTL must be a plain non-negative integer of seconds"
+                )
             ttl = int(ttl_text)
         if expires_text is not None:
             try:
                 parse_rfc3339(expires_text)
             except ValueError:
-                raise ProtocolError(400, "Stream-Expires-At must be an RFC 3339 timestamp") from None
+                raise ProtocolError(
+                    400, "Stream-Expires-At must be an RFC 3339 timestamp"
+                ) from None
         forked_from = req.header(P.STREAM_FORKED_FROM)
         if forked_from is not None:
             forked_from = self._stream_path(forked_from)
@@ -489,8 +498,14 @@ class DurableStreamsApp:
                 headers.append((P.STREAM_CLOSED, "true"))
             await _respond(send, 200, headers, b"[]" if P.is_json(state.content_type) else b"")
             return
-        await self._send_read(req, send, state, offset or P.OFFSET_BEGINNING,
-                              self.store.read(state, position), cursor=None)
+        await self._send_read(
+            req,
+            send,
+            state,
+            offset or P.OFFSET_BEGINNING,
+            self.store.read(state, position),
+            cursor=None,
+        )
 
     async def _send_read(
         self,
@@ -532,21 +547,29 @@ class DurableStreamsApp:
                 await self._send_read(req, send, state, start, result, cursor_for(cursor))
                 return
             if state.closed:
-                await _respond(send, 204, [
-                    (P.STREAM_NEXT_OFFSET, result.next_offset),
-                    (P.STREAM_UP_TO_DATE, "true"),
-                    (P.STREAM_CLOSED, "true"),
-                    ("Cache-Control", "no-store"),
-                ])
+                await _respond(
+                    send,
+                    204,
+                    [
+                        (P.STREAM_NEXT_OFFSET, result.next_offset),
+                        (P.STREAM_UP_TO_DATE, "true"),
+                        (P.STREAM_CLOSED, "true"),
+                        ("Cache-Control", "no-store"),
+                    ],
+                )
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.shutting_down.is_set():
-                await _respond(send, 204, [
-                    (P.STREAM_NEXT_OFFSET, result.next_offset),
-                    (P.STREAM_UP_TO_DATE, "true"),
-                    (P.STREAM_CURSOR, cursor_for(cursor)),
-                    ("Cache-Control", "no-store"),
-                ])
+                await _respond(
+                    send,
+                    204,
+                    [
+                        (P.STREAM_NEXT_OFFSET, result.next_offset),
+                        (P.STREAM_UP_TO_DATE, "true"),
+                        (P.STREAM_CURSOR, cursor_for(cursor)),
+                        ("Cache-Control", "no-store"),
+                    ],
+                )
                 return
             await self._wait_change(state.path, remaining)
             current = self.store.get(state.path)
@@ -580,8 +603,9 @@ class DurableStreamsApp:
         ]
         if binary:
             headers.append((P.STREAM_SSE_DATA_ENCODING.lower().encode(), b"base64"))
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*_COMMON_HEADERS, *headers]})
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [*_COMMON_HEADERS, *headers]}
+        )
         disconnected = asyncio.Event()
 
         async def watch_disconnect() -> None:
@@ -644,7 +668,9 @@ class DurableStreamsApp:
             remaining = ends_at - time.monotonic()
             if remaining <= 0:
                 return
-            changed = await self._wait_change(state.path, min(self.config.long_poll_timeout, remaining))
+            changed = await self._wait_change(
+                state.path, min(self.config.long_poll_timeout, remaining)
+            )
             if not changed and not disconnected.is_set() and not self.shutting_down.is_set():
                 result = self.store.read(state, position)
                 if not result.records:
@@ -652,4 +678,3 @@ class DurableStreamsApp:
                     if result.closed:
                         return
             self.store.touch(state)
-

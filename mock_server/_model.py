@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from ._offsets import format_offset
 
@@ -99,7 +99,5 @@ def parse_rfc3339(text: str) -> float:
         raise ValueError(f"invalid timestamp {text!r}")
     parsed = datetime.fromisoformat(value.replace("z", "Z"))
     if parsed.tzinfo is None:
-        from datetime import UTC
-
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()

@@ -209,9 +209,7 @@ class SqliteStorage:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute(
-                "DELETE FROM records WHERE path = ? AND end_pos <= ?", (state.path, before)
-            )
+            db.execute("DELETE FROM records WHERE path = ? AND end_pos <= ?", (state.path, before))
             db.execute(
                 "UPDATE streams SET meta = ? WHERE path = ?", (_meta_json(state), state.path)
             )

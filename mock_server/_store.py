@@ -22,7 +22,7 @@ from typing import Any
 
 from durable_client import _protocol as P
 
-from ._model import ProducerState, Record, StreamState, parse_rfc3339
+from ._model import ProducerState, Record, StreamState
 from ._offsets import InvalidOffset, format_offset, parse_offset
 from ._storage import MemoryStorage, Storage
 
@@ -135,10 +135,11 @@ class StreamStore:
         max_read_bytes: int = 1024 * 1024,
     ) -> None:
         self.storage: Storage = storage if storage is not None else MemoryStorage()
-        self._clock = clock
+        self.clock = clock
         self.max_read_bytes = max_read_bytes
         self._streams: dict[str, StreamState] = {}
         self._changed: dict[str, asyncio.Future[None]] = {}
+        self._waiting: dict[str, int] = {}
         now = clock()
         for state in self.storage.load():
             # Reads refresh a sliding TTL without a write; after a restart the
@@ -163,7 +164,7 @@ class StreamStore:
         state = self._streams.get(path)
         if state is None:
             return None
-        if not state.soft_deleted and state.is_expired(self._clock()):
+        if not state.soft_deleted and state.is_expired(self.clock()):
             if state.ref_count > 0:
                 self._commit(state, soft_deleted=True)
                 self._notify(path)
@@ -183,7 +184,7 @@ class StreamStore:
 
     def touch(self, state: StreamState) -> None:
         """Refresh a sliding TTL (every read or write that reaches the server but HEAD)."""
-        state.last_access = self._clock()
+        state.last_access = self.clock()
 
     # ------------------------------------------------------------------ create
 
@@ -195,7 +196,7 @@ class StreamStore:
                 raise ProtocolError(
                     409, "stream was deleted but its forks still use it; the path cannot be reused"
                 )
-            if existing.is_expired(self._clock()):
+            if existing.is_expired(self.clock()):
                 if existing.ref_count > 0:
                     self._commit(existing, soft_deleted=True)
                     raise ProtocolError(
@@ -235,7 +236,7 @@ class StreamStore:
                 ttl, expires_at = source.ttl_seconds, source.expires_at
         content_type = content_type or P.DEFAULT_CONTENT_TYPE
 
-        now = self._clock()
+        now = self.clock()
         state = StreamState(
             path=path,
             stream_id=uuid.uuid4().hex[:12],
@@ -274,7 +275,10 @@ class StreamStore:
         )
         same_fork = req.forked_from == state.forked_from and (
             req.fork_offset is None
-            or (state.fork_offset is not None and req.fork_offset == format_offset(state.fork_offset))
+            or (
+                state.fork_offset is not None
+                and req.fork_offset == format_offset(state.fork_offset)
+            )
         )
         ttl, expires_at = req.ttl_seconds, req.expires_at
         if state.forked_from is not None and ttl is None and expires_at is None:
@@ -291,7 +295,7 @@ class StreamStore:
 
     def _fork_source(self, forked_from: str) -> StreamState:
         source = self._streams.get(forked_from)
-        if source is None or (not source.soft_deleted and source.is_expired(self._clock())):
+        if source is None or (not source.soft_deleted and source.is_expired(self.clock())):
             raise ProtocolError(404, "the fork's source stream does not exist")
         if source.soft_deleted:
             raise ProtocolError(409, "the fork's source stream was deleted")
@@ -327,21 +331,30 @@ class StreamStore:
         if req.content_type is None:
             raise ProtocolError(400, "Content-Type is required with a body")
         if state.closed:
-            if producer is not None and state.closed_by == (producer.id, producer.epoch, producer.seq):
+            if producer is not None and state.closed_by == (
+                producer.id,
+                producer.epoch,
+                producer.seq,
+            ):
                 return AppendResult(204, state.tail_offset, True, producer, duplicate=True)
             raise self._closed_error(state)
         if P.media_type(req.content_type) != P.media_type(state.content_type):
             raise ProtocolError(
-                409, f"Content-Type {req.content_type!r} does not match the stream's"
-                f" {state.content_type!r}"
+                409,
+                f"Content-Type {req.content_type!r} does not match the stream's"
+                f" {state.content_type!r}",
             )
         proposed = self._validate_producer(state, producer) if producer is not None else None
         if producer is not None and proposed is None:
-            return AppendResult(204, state.tail_offset, state.closed, self._echo(state, producer),
-                                duplicate=True)
-        if req.stream_seq is not None and state.stream_seq is not None:
-            if req.stream_seq.encode() <= state.stream_seq.encode():
-                raise ProtocolError(409, "Stream-Seq must increase")
+            return AppendResult(
+                204, state.tail_offset, state.closed, self._echo(state, producer), duplicate=True
+            )
+        if (
+            req.stream_seq is not None
+            and state.stream_seq is not None
+            and req.stream_seq.encode() <= state.stream_seq.encode()
+        ):
+            raise ProtocolError(409, "Stream-Seq must increase")
         data, count = self._encode(state, req.body, allow_empty=False)
         record = state.next_record(data, count)
         changes: dict[str, Any] = {}
@@ -354,7 +367,9 @@ class StreamStore:
         producer_row = (producer.id, proposed) if producer is not None and proposed else None
         self._commit(state, [record], producer_row, **changes)
         self._notify(path)
-        return AppendResult(200 if producer else 204, format_offset(record.end), req.close, producer)
+        return AppendResult(
+            200 if producer else 204, format_offset(record.end), req.close, producer
+        )
 
     def _close(self, state: StreamState, producer: Producer | None) -> AppendResult:
         if producer is None:
@@ -368,10 +383,14 @@ class StreamStore:
             raise self._closed_error(state)
         proposed = self._validate_producer(state, producer)
         if proposed is None:
-            return AppendResult(204, state.tail_offset, False, self._echo(state, producer),
-                                duplicate=True)
+            return AppendResult(
+                204, state.tail_offset, False, self._echo(state, producer), duplicate=True
+            )
         self._commit(
-            state, (), (producer.id, proposed), closed=True,
+            state,
+            (),
+            (producer.id, proposed),
+            closed=True,
             closed_by=(producer.id, producer.epoch, producer.seq),
         )
         self._notify(state.path)
@@ -395,8 +414,10 @@ class StreamStore:
 
         Raises 403 (stale epoch), 400 (new epoch not at seq 0), 409 (sequence gap).
         """
-        now = self._clock()
-        for pid in [p for p, s in state.producers.items() if now - s.updated_at > PRODUCER_STATE_TTL]:
+        now = self.clock()
+        for pid in [
+            p for p, s in state.producers.items() if now - s.updated_at > PRODUCER_STATE_TTL
+        ]:
             del state.producers[pid]
         current = state.producers.get(producer.id)
         if current is None or producer.epoch > current.epoch:
@@ -407,7 +428,8 @@ class StreamStore:
             return ProducerState(producer.epoch, 0, now)
         if producer.epoch < current.epoch:
             raise ProtocolError(
-                403, "stale Producer-Epoch (fenced by a newer one)",
+                403,
+                "stale Producer-Epoch (fenced by a newer one)",
                 {P.PRODUCER_EPOCH: str(current.epoch)},
             )
         if producer.seq <= current.last_seq:
@@ -449,7 +471,10 @@ class StreamStore:
     # ------------------------------------------------------------------ read
 
     def parse_read_offset(self, state: StreamState, offset: str | None) -> int:
-        """The position a read starts after. 400 for a malformed or future offset, 410 if trimmed."""
+        """The position a read starts after.
+
+        Raises 400 for a malformed or future offset, 410 for one below retention.
+        """
         if offset is None or offset == P.OFFSET_BEGINNING:
             position = 0
         elif offset == P.OFFSET_NOW:
@@ -463,7 +488,8 @@ class StreamStore:
                 raise ProtocolError(400, "offset is beyond the end of the stream")
         if position < state.trimmed_to:
             raise ProtocolError(
-                410, "offset is no longer retained; read from the earliest retained offset",
+                410,
+                "offset is no longer retained; read from the earliest retained offset",
                 {P.STREAM_NEXT_OFFSET: format_offset(state.trimmed_to)},
             )
         return position
@@ -480,7 +506,9 @@ class StreamStore:
                 end = records[-1].end
                 return ReadResult(records, end, format_offset(end), False, False)
         end = records[-1].end if records else state.tail
-        return ReadResult(records, end, format_offset(end), True, state.closed and end == state.tail)
+        return ReadResult(
+            records, end, format_offset(end), True, state.closed and end == state.tail
+        )
 
     def _collect(self, state: StreamState, after: int, cap: int | None) -> list[Record]:
         records: list[Record] = []
@@ -498,11 +526,20 @@ class StreamStore:
         if future is None or future.done():
             future = asyncio.get_running_loop().create_future()
             self._changed[path] = future
+        self._waiting[path] = self._waiting.get(path, 0) + 1
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
             return False
+        finally:
+            self._waiting[path] -= 1
+            if not self._waiting[path]:
+                del self._waiting[path]
         return True
+
+    def waiting(self, path: str) -> int:
+        """How many live reads are waiting for ``path`` to change (for tests and metrics)."""
+        return self._waiting.get(path, 0)
 
     def _notify(self, path: str) -> None:
         future = self._changed.pop(path, None)
@@ -513,8 +550,9 @@ class StreamStore:
 
     def delete(self, path: str) -> None:
         state = self._streams.get(path)
-        if state is None or (not state.soft_deleted and state.is_expired(self._clock())
-                             and state.ref_count == 0):
+        if state is None or (
+            not state.soft_deleted and state.is_expired(self.clock()) and state.ref_count == 0
+        ):
             if state is not None:
                 self._delete_cascade(state)
             raise ProtocolError(404, "stream not found")

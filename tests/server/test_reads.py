@@ -1,0 +1,291 @@
+"""GET in every mode: catch-up, long-poll, SSE; HEAD; caching; offsets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import httpx
+import pytest
+
+from mock_server.testing import RunningServer
+
+from .conftest import until
+from .sse import controls, datas, read_sse
+
+S = "/v1/stream"
+TEXT = {"Content-Type": "text/plain"}
+JSON = {"Content-Type": "application/json"}
+
+
+async def make(
+    http: httpx.AsyncClient, path: str, *parts: bytes, ctype: str = "text/plain"
+) -> list[str]:
+    """Create ``path`` and append ``parts``; returns the offset after each append."""
+    await http.put(path, headers={"Content-Type": ctype})
+    offsets = []
+    for part in parts:
+        response = await http.post(path, headers={"Content-Type": ctype}, content=part)
+        assert response.status_code == 204
+        offsets.append(response.headers["Stream-Next-Offset"])
+    return offsets
+
+
+# ---------------------------------------------------------------- catch-up
+
+
+async def test_catch_up_from_start_and_from_an_offset(http: httpx.AsyncClient) -> None:
+    offsets = await make(http, f"{S}/t", b"one", b"two", b"three")
+    whole = await http.get(f"{S}/t", params={"offset": "-1"})
+    assert whole.content == b"onetwothree"
+    assert whole.headers["Stream-Up-To-Date"] == "true"
+    assert whole.headers["Stream-Next-Offset"] == offsets[-1]
+    rest = await http.get(f"{S}/t", params={"offset": offsets[0]})
+    assert rest.content == b"twothree"
+    at_tail = await http.get(f"{S}/t", params={"offset": offsets[-1]})
+    assert at_tail.content == b""
+    assert at_tail.headers["Stream-Up-To-Date"] == "true"
+
+
+async def test_catch_up_is_chunked_and_only_the_last_chunk_is_up_to_date(
+    server: RunningServer, http: httpx.AsyncClient
+) -> None:
+    server.store.max_read_bytes = 8
+    await make(http, f"{S}/t", *(b"abcde" for _ in range(5)))
+    offset, seen, flags = "-1", b"", []
+    for _ in range(10):
+        response = await http.get(f"{S}/t", params={"offset": offset})
+        seen += response.content
+        flags.append(response.headers.get("Stream-Up-To-Date"))
+        offset = response.headers["Stream-Next-Offset"]
+        if flags[-1] == "true":
+            break
+    assert seen == b"abcde" * 5
+    assert flags == [None, None, "true"]
+
+
+async def test_offset_now_returns_the_tail_without_data(http: httpx.AsyncClient) -> None:
+    offsets = await make(http, f"{S}/j", b"[1,2]", ctype="application/json")
+    response = await http.get(f"{S}/j", params={"offset": "now"})
+    assert response.status_code == 200
+    assert response.json() == []
+    assert response.headers["Stream-Next-Offset"] == offsets[-1]
+    assert response.headers["Cache-Control"] == "no-store"
+    assert "ETag" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"offset": "abc"}, "invalid offset"),
+        ({"offset": "0,1"}, "invalid offset"),
+        ({"offset": ""}, "empty offset"),
+        ({"offset": "0000000000000000_0000000000099999"}, "beyond the end"),
+        ({"live": "long-poll"}, "needs an offset"),
+        ({"live": "sse"}, "needs an offset"),
+        ({"offset": "-1", "live": "websocket"}, "live must be"),
+    ],
+)
+async def test_bad_read_parameters_are_400(
+    http: httpx.AsyncClient, params: dict[str, str], message: str
+) -> None:
+    await make(http, f"{S}/t", b"x")
+    response = await http.get(f"{S}/t", params=params)
+    assert response.status_code == 400
+    assert message in response.text
+
+
+async def test_repeated_offset_parameter_is_400(http: httpx.AsyncClient) -> None:
+    await make(http, f"{S}/t", b"x")
+    response = await http.get(f"{S}/t?offset=-1&offset=-1")
+    assert response.status_code == 400
+
+
+async def test_reading_a_missing_stream_is_404(http: httpx.AsyncClient) -> None:
+    assert (await http.get(f"{S}/none")).status_code == 404
+    assert (await http.get(f"{S}/none", params={"offset": "now", "live": "sse"})).status_code == 404
+
+
+async def test_etag_and_if_none_match(http: httpx.AsyncClient) -> None:
+    await make(http, f"{S}/t", b"abc")
+    first = await http.get(f"{S}/t", params={"offset": "-1"})
+    etag = first.headers["ETag"]
+    cached = await http.get(f"{S}/t", params={"offset": "-1"}, headers={"If-None-Match": etag})
+    assert cached.status_code == 304
+    assert cached.content == b""
+    await http.post(f"{S}/t", headers={"Stream-Closed": "true"})
+    closed = await http.get(f"{S}/t", params={"offset": "-1"}, headers={"If-None-Match": etag})
+    assert closed.status_code == 200
+    assert closed.headers["ETag"] != etag
+
+
+async def test_cache_control_distinguishes_full_chunks_from_the_tail(
+    server: RunningServer, http: httpx.AsyncClient
+) -> None:
+    server.store.max_read_bytes = 2
+    await make(http, f"{S}/t", b"ab", b"cd")
+    chunk = await http.get(f"{S}/t", params={"offset": "-1"})
+    assert chunk.headers["Cache-Control"].startswith("public, max-age=60")
+    last = await http.get(f"{S}/t", params={"offset": chunk.headers["Stream-Next-Offset"]})
+    assert last.headers["Cache-Control"] == "no-cache"
+
+
+async def test_closed_stream_signals_eof_at_the_tail(http: httpx.AsyncClient) -> None:
+    offsets = await make(http, f"{S}/t", b"a", b"b")
+    await http.post(f"{S}/t", headers={"Stream-Closed": "true"})
+    partial = await http.get(f"{S}/t", params={"offset": "-1"})
+    assert partial.headers["Stream-Closed"] == "true"
+    eof = await http.get(f"{S}/t", params={"offset": offsets[-1]})
+    assert eof.status_code == 200
+    assert eof.content == b""
+    assert eof.headers["Stream-Closed"] == "true"
+
+
+# ---------------------------------------------------------------- HEAD
+
+
+async def test_head_reports_metadata_without_a_body(http: httpx.AsyncClient) -> None:
+    await http.put(f"{S}/h", headers={**TEXT, "Stream-TTL": "300"}, content=b"abc")
+    response = await http.head(f"{S}/h")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/plain"
+    assert response.headers["Stream-TTL"] == "300"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["Stream-Next-Offset"] == "0000000000000000_0000000000000003"
+    assert response.content == b""
+    assert (await http.head(f"{S}/missing")).status_code == 404
+
+
+# ---------------------------------------------------------------- long-poll
+
+
+async def test_long_poll_wakes_on_append(server: RunningServer, http: httpx.AsyncClient) -> None:
+    offsets = await make(http, f"{S}/t", b"a")
+    poll = asyncio.create_task(
+        http.get(f"{S}/t", params={"offset": offsets[-1], "live": "long-poll"})
+    )
+    await until(lambda: server.store.waiting(f"{S}/t") == 1)
+    await http.post(f"{S}/t", headers=TEXT, content=b"b")
+    response = await poll
+    assert response.status_code == 200
+    assert response.content == b"b"
+    assert response.headers["Stream-Cursor"].isdigit()
+
+
+async def test_long_poll_times_out_with_204_and_cursor(http: httpx.AsyncClient) -> None:
+    offsets = await make(http, f"{S}/t", b"a")
+    response = await http.get(f"{S}/t", params={"offset": offsets[-1], "live": "long-poll"})
+    assert response.status_code == 204
+    assert response.headers["Stream-Up-To-Date"] == "true"
+    assert response.headers["Stream-Next-Offset"] == offsets[-1]
+    cursor = response.headers["Stream-Cursor"]
+    again = await http.get(
+        f"{S}/t", params={"offset": offsets[-1], "live": "long-poll", "cursor": cursor}
+    )
+    assert int(again.headers["Stream-Cursor"]) > int(cursor)
+
+
+async def test_long_poll_returns_existing_data_at_once(http: httpx.AsyncClient) -> None:
+    await make(http, f"{S}/t", b"a", b"b")
+    response = await http.get(f"{S}/t", params={"offset": "-1", "live": "long-poll"})
+    assert response.status_code == 200
+    assert response.content == b"ab"
+
+
+async def test_long_poll_on_a_closed_stream_ends_at_once(http: httpx.AsyncClient) -> None:
+    offsets = await make(http, f"{S}/t", b"a")
+    await http.post(f"{S}/t", headers={"Stream-Closed": "true"})
+    response = await http.get(f"{S}/t", params={"offset": offsets[-1], "live": "long-poll"})
+    assert response.status_code == 204
+    assert response.headers["Stream-Closed"] == "true"
+
+
+async def test_long_poll_wakes_when_the_stream_closes(
+    server: RunningServer, http: httpx.AsyncClient
+) -> None:
+    offsets = await make(http, f"{S}/t", b"a")
+    poll = asyncio.create_task(
+        http.get(f"{S}/t", params={"offset": offsets[-1], "live": "long-poll"})
+    )
+    await until(lambda: server.store.waiting(f"{S}/t") == 1)
+    await http.post(f"{S}/t", headers={"Stream-Closed": "true"})
+    response = await poll
+    assert response.status_code == 204
+    assert response.headers["Stream-Closed"] == "true"
+
+
+# ---------------------------------------------------------------- SSE
+
+
+async def test_sse_sends_history_then_live_then_closes(http: httpx.AsyncClient) -> None:
+    await make(http, f"{S}/j", b"[1,2]", ctype="application/json")
+
+    async def writer() -> None:
+        await http.post(f"{S}/j", headers=JSON, content=b"3")
+        await http.post(f"{S}/j", headers={**JSON, "Stream-Closed": "true"}, content=b"4")
+
+    started = False
+
+    def until(events: list[tuple[str, str]]) -> bool:
+        nonlocal started
+        if not started:
+            started = True
+            asyncio.get_running_loop().create_task(writer())
+        return bool(controls(events)) and controls(events)[-1].get("streamClosed", False)
+
+    response, events = await read_sse(http, f"{S}/j?offset=-1&live=sse", until)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    received = [value for data in datas(events) for value in __import__("json").loads(data)]
+    assert received == [1, 2, 3, 4]
+    kinds = [kind for kind, _ in events]
+    # every data event is followed by a control event
+    assert all(kinds[i + 1] == "control" for i, k in enumerate(kinds) if k == "data")
+    last = controls(events)[-1]
+    assert last["streamClosed"] is True
+    assert "streamCursor" not in last
+
+
+async def test_sse_on_binary_streams_is_base64(http: httpx.AsyncClient) -> None:
+    payload = bytes(range(256))
+    await make(http, f"{S}/b", payload, ctype="application/octet-stream")
+    response, events = await read_sse(
+        http, f"{S}/b?offset=-1&live=sse", lambda e: bool(controls(e))
+    )
+    assert response.headers["stream-sse-data-encoding"] == "base64"
+    assert base64.b64decode("".join(datas(events))) == payload
+    assert controls(events)[0]["upToDate"] is True
+
+
+async def test_sse_text_lines_cannot_inject_events(http: httpx.AsyncClient) -> None:
+    await make(http, f"{S}/t", b"a\r\n\r\nevent: control\rdata: {}\n\n b")
+    _, events = await read_sse(http, f"{S}/t?offset=-1&live=sse", lambda e: bool(controls(e)))
+    assert [kind for kind, _ in events] == ["data", "control"]
+    assert datas(events)[0] == "a\n\nevent: control\ndata: {}\n\n b"
+
+
+async def test_sse_from_now_starts_at_the_tail(http: httpx.AsyncClient) -> None:
+    offsets = await make(http, f"{S}/t", b"old")
+    _, events = await read_sse(http, f"{S}/t?offset=now&live=sse", lambda e: bool(controls(e)))
+    assert datas(events) == []
+    assert controls(events)[0]["streamNextOffset"] == offsets[-1]
+    assert controls(events)[0]["upToDate"] is True
+
+
+async def test_sse_keepalive_control_event_while_idle(http: httpx.AsyncClient) -> None:
+    await make(http, f"{S}/t", b"x")
+    _, events = await read_sse(http, f"{S}/t?offset=-1&live=sse", lambda e: len(controls(e)) >= 2)
+    assert controls(events)[1]["upToDate"] is True
+    assert datas(events) == ["x"]
+
+
+async def test_sse_response_ends_after_the_max_duration(tmp_path: object) -> None:
+    from mock_server.testing import serve
+
+    async with (
+        serve(long_poll_timeout=0.05, sse_max_duration=0.2) as running,
+        httpx.AsyncClient(base_url=running.url) as http,
+    ):
+        await make(http, f"{S}/t", b"x")
+        response, events = await read_sse(http, f"{S}/t?offset=-1&live=sse", lambda e: False)
+        assert response.status_code == 200
+        assert datas(events) == ["x"]
