@@ -54,5 +54,5 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     import asyncio
 
     async with asyncio.timeout(timeout):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 - state in another task, no event to await
             await asyncio.sleep(0.005)

@@ -61,30 +61,32 @@ def producer(epoch: int, seq: int) -> dict[str, str]:
 async def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
     data_dir = str(tmp_path / "data")
     acknowledged: list[int] = []
-    async with server_process("--data-dir", data_dir) as (process, url):
-        async with httpx.AsyncClient(base_url=url) as http:
-            await http.put(f"{S}/log", headers=JSON)
-            await http.put(f"{S}/done", headers=JSON, content=b"[1]")
-            await http.post(f"{S}/done", headers={"Stream-Closed": "true"})
-            for seq in range(200):
-                response = await http.post(f"{S}/log", headers=producer(1, seq), content=str(seq))
-                assert response.status_code == 200
-                acknowledged.append(seq)
-            # Writes in flight when the process dies may or may not land; none may be torn.
-            in_flight = [
-                asyncio.create_task(
-                    http.post(f"{S}/log", headers=producer(1, 200 + i), content=str(200 + i))
-                )
-                for i in range(20)
-            ]
-            process.send_signal(signal.SIGKILL)
-            await process.wait()
-            results = await asyncio.gather(*in_flight, return_exceptions=True)
-            acknowledged += [
-                200 + i
-                for i, r in enumerate(results)
-                if isinstance(r, httpx.Response) and r.status_code == 200
-            ]
+    async with (
+        server_process("--data-dir", data_dir) as (process, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await http.put(f"{S}/log", headers=JSON)
+        await http.put(f"{S}/done", headers=JSON, content=b"[1]")
+        await http.post(f"{S}/done", headers={"Stream-Closed": "true"})
+        for seq in range(200):
+            response = await http.post(f"{S}/log", headers=producer(1, seq), content=str(seq))
+            assert response.status_code == 200
+            acknowledged.append(seq)
+        # Writes in flight when the process dies may or may not land; none may be torn.
+        in_flight = [
+            asyncio.create_task(
+                http.post(f"{S}/log", headers=producer(1, 200 + i), content=str(200 + i))
+            )
+            for i in range(20)
+        ]
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        results = await asyncio.gather(*in_flight, return_exceptions=True)
+        acknowledged += [
+            200 + i
+            for i, r in enumerate(results)
+            if isinstance(r, httpx.Response) and r.status_code == 200
+        ]
 
     async with (
         server_process("--data-dir", data_dir) as (_, url),
