@@ -26,8 +26,9 @@ Everything ``durable_client`` raises on purpose derives from
     │   ├── PayloadTooLarge           413
     │   ├── UnexpectedStatus          any other status we cannot interpret
     │   └── ProtocolViolation         the answer breaks the protocol (bad JSON, bad SSE, offsets)
-    └── UsageError                    the caller misused the API (also a ValueError)
-        └── ClientClosed              used after aclose()
+    ├── UsageError                    the caller misused the API (also a ValueError)
+    │   └── ClientClosed              used after aclose()
+    └── TurnCancelled                 agent side: the turn being answered was cancelled
 
 HTTP and transport exceptions from httpx are mapped at the boundary
 (``raise ... from exc``) and always carry the stream URL, so no httpx
@@ -74,6 +75,7 @@ __all__ = [
     "StreamConflict",
     "StreamNotFound",
     "TransportError",
+    "TurnCancelled",
     "Unauthorized",
     "UnexpectedStatus",
     "UsageError",
@@ -286,6 +288,18 @@ class UsageError(DurableError, ValueError):
 
 class ClientClosed(UsageError):
     """The object was used after ``aclose()``."""
+
+
+class TurnCancelled(DurableError):
+    """Raised by ``Reply.write()`` once a cancel for the reply's turn arrived.
+
+    Not a failure: ``async with agent.reply(turn)`` catches it and ends the
+    turn with reason ``cancelled``. ``cancel`` is the cancel event, if known.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, cancel: object = None) -> None:
+        super().__init__(message, url=url)
+        self.cancel = cancel
 
 
 # --- mapping at the boundary -------------------------------------------------

@@ -583,8 +583,10 @@ class DurableStream:
         live: Literal[False, "long-poll"] = False,
         cursor: str | None = None,
         headers: Mapping[str, str] | None = None,
+        retry: bool = True,
     ) -> ReadBatch:
-        """One read (retried per the retry policy): catch-up, or one long-poll.
+        """One read (retried per the retry policy unless ``retry=False``):
+        catch-up, or one long-poll.
 
         A catch-up read returns data from ``offset`` up to a server-chosen size;
         check ``up_to_date`` and read again from ``batch.offset`` for more. A
@@ -595,6 +597,8 @@ class DurableStream:
         async def attempt() -> ReadBatch:
             return await self._read_once(offset, live=live, cursor=cursor, headers=headers)
 
+        if not retry:
+            return await attempt()
         result: ReadBatch = await self._with_retry(attempt)
         return result
 

@@ -1,0 +1,163 @@
+"""durable_client: durable sessions for Python, on the Durable Streams protocol.
+
+Two layers, both async:
+
+- The **stream client** (:class:`DurableStream`, :class:`IdempotentProducer`)
+  speaks the Durable Streams HTTP protocol for one stream: create, append,
+  read (catch-up, long-poll, SSE), head, delete, close, and exactly-once
+  appends.
+- The **session layer** (:class:`Session`, :class:`Agent`, :class:`Transcript`)
+  is what apps use: a session is one JSON stream of typed events; subscribers
+  get history then live exactly once across disconnects, publishes are
+  idempotent and queued while offline, cancel is an explicit event.
+
+Every error is a :class:`DurableError`; see ``docs/errors.md`` for the tree.
+"""
+
+from ._agent import Agent, AgentReply, IncomingTurn
+from ._errors import (
+    BadRequest,
+    ClientClosed,
+    ConnectError,
+    ConnectionLost,
+    DurableError,
+    FatalError,
+    Forbidden,
+    OffsetGone,
+    PayloadTooLarge,
+    ProtocolViolation,
+    RateLimited,
+    RequestTimeout,
+    RetryableError,
+    SequenceConflict,
+    SequenceGap,
+    ServerBusy,
+    ServerError,
+    StaleEpoch,
+    StreamClosed,
+    StreamConflict,
+    StreamNotFound,
+    TransportError,
+    TurnCancelled,
+    Unauthorized,
+    UnexpectedStatus,
+    UsageError,
+)
+from ._events import (
+    AnyEvent,
+    Author,
+    AuthorKind,
+    Cancel,
+    CancelScope,
+    EndReason,
+    Progress,
+    ProgressStatus,
+    SessionEvent,
+    Steer,
+    SteerMode,
+    TextDelta,
+    TurnEnd,
+    TurnStart,
+    UnknownEvent,
+    UserMessage,
+    new_id,
+    parse_event,
+)
+from ._offsets import FileOffsetStore, MemoryOffsetStore, OffsetStore, Position
+from ._producer import IdempotentProducer, ProducerStamp
+from ._retry import ReconnectPolicy, RetryPolicy
+from ._session import DEFAULT_SESSION_PATH, PublishAck, Session, StartPoint, Subscription
+from ._state import ConnectionState, ConnectionStatus
+from ._stream import (
+    AppendResult,
+    CloseResult,
+    CreateResult,
+    DurableStream,
+    HeadResult,
+    LiveMode,
+    ReadBatch,
+)
+from ._transcript import Reply, ReplyStatus, Transcript, Turn
+from ._transport import HttpTransport, SessionTransport, TransportBatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_SESSION_PATH",
+    "Agent",
+    "AgentReply",
+    "AnyEvent",
+    "AppendResult",
+    "Author",
+    "AuthorKind",
+    "BadRequest",
+    "Cancel",
+    "CancelScope",
+    "ClientClosed",
+    "CloseResult",
+    "ConnectError",
+    "ConnectionLost",
+    "ConnectionState",
+    "ConnectionStatus",
+    "CreateResult",
+    "DurableError",
+    "DurableStream",
+    "EndReason",
+    "FatalError",
+    "FileOffsetStore",
+    "Forbidden",
+    "HeadResult",
+    "HttpTransport",
+    "IdempotentProducer",
+    "IncomingTurn",
+    "LiveMode",
+    "MemoryOffsetStore",
+    "OffsetGone",
+    "OffsetStore",
+    "PayloadTooLarge",
+    "Position",
+    "ProducerStamp",
+    "Progress",
+    "ProgressStatus",
+    "ProtocolViolation",
+    "PublishAck",
+    "RateLimited",
+    "ReadBatch",
+    "ReconnectPolicy",
+    "Reply",
+    "ReplyStatus",
+    "RequestTimeout",
+    "RetryPolicy",
+    "RetryableError",
+    "SequenceConflict",
+    "SequenceGap",
+    "ServerBusy",
+    "ServerError",
+    "Session",
+    "SessionEvent",
+    "SessionTransport",
+    "StaleEpoch",
+    "StartPoint",
+    "Steer",
+    "SteerMode",
+    "StreamClosed",
+    "StreamConflict",
+    "StreamNotFound",
+    "Subscription",
+    "TextDelta",
+    "Transcript",
+    "TransportBatch",
+    "TransportError",
+    "Turn",
+    "TurnCancelled",
+    "TurnEnd",
+    "TurnStart",
+    "Unauthorized",
+    "UnexpectedStatus",
+    "UnknownEvent",
+    "UsageError",
+    "UserMessage",
+    "__version__",
+    "new_id",
+    "parse_event",
+]

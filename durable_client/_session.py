@@ -1,0 +1,629 @@
+"""Sessions: the API app developers use.
+
+A :class:`Session` is one JSON-mode stream of session events shared by users
+and agents. :meth:`Session.subscribe` gives history then live, exactly once
+and in order, across any number of disconnects; :meth:`Session.publish`
+appends events exactly once, queueing them while the server is unreachable;
+:attr:`Session.status` and :meth:`Session.status_changes` tell a UI how the
+connection is doing.
+
+How a subscription delivers each event exactly once
+----------------------------------------------------
+A background task (the pump) reads batches from the transport and runs them
+through a :class:`ResumeTracker`: each message comes out once, paired with the
+:class:`Position` just after it (offset plus the number of messages already
+taken from the batch at that offset; see ``_offsets``). When the connection
+drops, the pump reconnects from the tracker's position, so the server resends
+nothing that was already taken and skips nothing. SSE data is taken only
+together with the control event that carries its offset, so a connection cut
+between the two loses nothing: the data is simply read again. As a second
+guard, events whose ``event_id`` was already delivered are dropped (this
+catches duplicates *in the log*, written by a publisher that re-sent an event
+under a new producer id or epoch after a crash).
+
+The consumer side hands events out in order and records the position of the
+last one it handed out. With an :class:`OffsetStore`, that position is saved
+when the consumer asks for the next event (the previous one is then
+processed) and when the subscription is closed, so a restarted process
+resumes right after the last event it finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+from urllib.parse import quote
+
+import httpx
+
+from ._errors import ClientClosed, ConnectionLost, DurableError, RetryableError, UsageError
+from ._events import (
+    AnyEvent,
+    Author,
+    Cancel,
+    CancelScope,
+    Progress,
+    ProgressStatus,
+    Steer,
+    SteerMode,
+    UserMessage,
+    new_id,
+    parse_event,
+)
+from ._offsets import EventIdDeduper, OffsetStore, Position, ResumeTracker
+from ._producer import IdempotentProducer
+from ._protocol import JSON_CONTENT_TYPE, OFFSET_BEGINNING, OFFSET_NOW
+from ._retry import Backoff, ReconnectPolicy, RetryPolicy
+from ._state import ConnectionStatus, StatusFeed
+from ._stream import DurableStream, DynamicValue
+from ._transport import HttpTransport, SessionTransport, TransportBatch
+
+__all__ = ["DEFAULT_SESSION_PATH", "PublishAck", "Session", "StartPoint", "Subscription"]
+
+#: Where sessions live under the server's base URL.
+DEFAULT_SESSION_PATH = "/v1/stream/sessions/{session_id}"
+
+#: Where a subscription starts: ``"beginning"``, ``"now"``, a saved
+#: :class:`Position`, or an offset string from an earlier read.
+StartPoint: TypeAlias = Literal["beginning", "now"] | Position | str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishAck:
+    """A published event and where it landed.
+
+    ``offset`` is the stream offset right after the event: a subscription
+    started there sees only later events. It is ``None`` in one case: the
+    append was retried after its answer was lost and the server recognised the
+    retry as a duplicate without saying where the original landed (the Node
+    reference server does this). The event is in the session exactly once
+    either way.
+    """
+
+    event: AnyEvent
+    offset: str | None
+    duplicate: bool
+
+
+class _Marker:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+_CAUGHT_UP = _Marker("caught-up")
+_END = _Marker("end")
+
+
+@dataclass(frozen=True, slots=True)
+class _Delivery:
+    event: AnyEvent | None  # None: nothing to hand out, only the position moves
+    position: Position
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    error: BaseException
+
+
+_QueueItem: TypeAlias = _Delivery | _Failure | _Marker
+
+
+async def _aclose_iter(iterator: AsyncIterator[Any]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class Subscription:
+    """History then live events of a session; iterate it, then close it.
+
+    ::
+
+        async with session.subscribe(start="beginning") as events:
+            async for event in events:
+                ...
+
+    Iteration ends when the session's stream is closed; a fatal error (for
+    example :class:`OffsetGone`) is raised from the iteration after the events
+    before it. Closing a subscription cancels nothing in the session.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        start: StartPoint,
+        *,
+        offset_store: OffsetStore | None,
+        consumer: str,
+        queue_size: int,
+        dedupe_capacity: int,
+    ) -> None:
+        self._session = session
+        self._start = start
+        self._store = offset_store
+        self.consumer = consumer
+        self.key = f"{session.url}#{consumer}"
+        self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue(maxsize=queue_size)
+        self._dedupe = EventIdDeduper(dedupe_capacity)
+        self._task: asyncio.Task[None] | None = None
+        self._pending: Position | None = None
+        self._committed: Position | None = None
+        self._done = False
+        self._closed = False
+        #: Set once every event that existed when the subscription reached the
+        #: tail for the first time has been handed out ("history loaded").
+        self.caught_up = asyncio.Event()
+        #: The position right after the last event handed out (``None`` before).
+        self.position: Position | None = None
+        #: The position the subscription started from, once it is pinned.
+        self.start_position: Position | None = None
+        self._pinned = asyncio.Event()
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if self._closed:
+            raise ClientClosed("this subscription was closed", url=self._session.url)
+        if self._task is None:
+            self._session._check_open()
+            self._task = asyncio.get_running_loop().create_task(
+                self._pump(), name=f"durable-subscription:{self.key}"
+            )
+
+    async def start(self) -> Position | None:
+        """Start reading and wait until the start point is pinned to a real
+        offset (``"now"`` resolved), so that every event published after this
+        returns is delivered. Returns the start position (``None`` if the
+        subscription failed first; iterating raises the error)."""
+        self._ensure_started()
+        assert self._task is not None
+        pinned = asyncio.ensure_future(self._pinned.wait())
+        try:
+            await asyncio.wait({pinned, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            pinned.cancel()
+        return self.start_position
+
+    async def __aenter__(self) -> Subscription:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def aclose(self) -> None:
+        """Stop reading. Saves the position of the last event handed out. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        task = self._task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._commit()
+        self._session._subscriptions.discard(self)
+
+    # --- consumer side -------------------------------------------------------------
+
+    async def __anext__(self) -> AnyEvent:
+        if self._done:
+            raise StopAsyncIteration
+        self._ensure_started()
+        await self._commit()
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _Delivery):
+                self.position = item.position
+                if item.event is None:
+                    self._pending = item.position
+                    await self._commit()
+                    continue
+                self._pending = item.position
+                return item.event
+            if item is _CAUGHT_UP:
+                self.caught_up.set()
+                continue
+            self._done = True
+            await self._commit()
+            if isinstance(item, _Failure):
+                raise item.error
+            raise StopAsyncIteration
+
+    async def _commit(self) -> None:
+        pending = self._pending
+        if pending is None or pending == self._committed:
+            return
+        self._committed = pending
+        if self._store is not None:
+            await self._store.save(self.key, pending)
+
+    # --- the pump ------------------------------------------------------------------
+
+    async def _resolve_start(self) -> Position:
+        if self._store is not None:
+            saved = await self._store.load(self.key)
+            if saved is not None:
+                return saved
+        start = self._start
+        if isinstance(start, Position):
+            return start
+        if start == "beginning" or start == OFFSET_BEGINNING:
+            return Position.beginning()
+        if start == "now" or start == OFFSET_NOW:
+            # Pin "now" to a real offset: a reconnect must not skip what came
+            # between the first connection and the next.
+            return Position(await self._session._transport.tail())
+        if isinstance(start, str) and start:
+            return Position(start)
+        raise UsageError(f"invalid start point: {start!r}")
+
+    async def _pump(self) -> None:
+        session = self._session
+        feed = session._status
+        backoff = Backoff(session.reconnect, rng=session._rng)
+        tracker: ResumeTracker | None = None
+        caught_up_sent = False
+        feed.connecting()
+        try:
+            while True:
+                try:
+                    if tracker is None:
+                        start = await self._resolve_start()
+                        tracker = ResumeTracker(start)
+                        self.start_position = start
+                        self._pinned.set()
+                        await self._queue.put(_Delivery(None, start))
+                    productive = False
+                    batches = session._transport.subscribe(tracker.position.offset)
+                    try:
+                        async for batch in batches:
+                            if not productive:
+                                productive = True
+                                backoff.reset()
+                                feed.connected()
+                            await self._take(tracker, batch)
+                            if batch.up_to_date and not caught_up_sent:
+                                caught_up_sent = True
+                                await self._queue.put(_CAUGHT_UP)
+                            if batch.closed:
+                                feed.closed()
+                                await self._queue.put(_END)
+                                return
+                    finally:
+                        await _aclose_iter(batches)
+                    if not productive:
+                        raise ConnectionLost(
+                            "the connection ended before any data", url=session.url
+                        )
+                    # The server ended the connection cleanly: resume at once.
+                except RetryableError as exc:
+                    delay = backoff.failure(exc)
+                    if delay is None:
+                        raise
+                    feed.retrying(backoff.failures, delay, exc)
+                    await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            raise
+        except DurableError as exc:
+            feed.failed(exc)
+            await self._queue.put(_Failure(exc))
+        except Exception as exc:  # a bug: surface it to the consumer, not the loop
+            await self._queue.put(_Failure(exc))
+
+    async def _take(self, tracker: ResumeTracker, batch: TransportBatch) -> None:
+        before = tracker.position
+        last: Position | None = None
+        for message, position in tracker.accept(batch.start_offset, batch.messages, batch.offset):
+            event = parse_event(message)
+            if event.event_id is not None and self._dedupe.seen(event.event_id):
+                await self._queue.put(_Delivery(None, position))
+            else:
+                await self._queue.put(_Delivery(event, position))
+            last = position
+        if tracker.position != before and tracker.position != last:
+            await self._queue.put(_Delivery(None, tracker.position))
+
+
+class Session:
+    """One durable session: subscribe to it, publish into it, watch the connection.
+
+    Args:
+        base_url: the server's base URL, e.g. ``http://127.0.0.1:4437``.
+        session_id: the session's name; the stream is at ``path_template``.
+        author: who this participant is (every helper signs events with it).
+        transport: a :class:`SessionTransport` to use instead of HTTP.
+        client: an ``httpx.AsyncClient`` for the HTTP transport (one is made if omitted).
+        path_template: the stream path under ``base_url`` (``{session_id}`` is filled in).
+        headers: extra headers on every request (values may be functions, e.g.
+            a token provider called before each request).
+        live: ``"sse"`` (default; falls back to long-poll) or ``"long-poll"``.
+        retry: retry policy of single requests (create, tail).
+        reconnect: how subscriptions reconnect and publishes are retried
+            (default: forever, with capped jittered backoff).
+        producer_id: the idempotent producer id for publishes (default: the
+            author id plus a random suffix, unique per Session object).
+        producer_epoch: the producer's starting epoch.
+        auto_claim: take over the producer id on 403 (stale epoch).
+        publish_linger: seconds a publish waits to share a request with others.
+        rng: random source for jitter (tests pass a seeded one).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        session_id: str,
+        *,
+        author: Author,
+        transport: SessionTransport | None = None,
+        client: httpx.AsyncClient | None = None,
+        path_template: str = DEFAULT_SESSION_PATH,
+        headers: Mapping[str, DynamicValue] | None = None,
+        live: Literal["sse", "long-poll"] = "sse",
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen dataclass
+        reconnect: ReconnectPolicy = ReconnectPolicy(),  # noqa: B008 - frozen dataclass
+        producer_id: str | None = None,
+        producer_epoch: int = 0,
+        auto_claim: bool = True,
+        publish_linger: float = 0.0,
+        max_in_flight: int = 5,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not session_id:
+            raise UsageError("session_id must not be empty")
+        if "{session_id}" not in path_template:
+            raise UsageError("path_template must contain {session_id}")
+        self.session_id = session_id
+        self.author = author
+        self.retry = retry
+        self.reconnect = reconnect
+        self._rng = rng
+        if transport is None:
+            url = base_url.rstrip("/") + path_template.format(session_id=quote(session_id, safe=""))
+            stream = DurableStream(
+                url,
+                client=client,
+                content_type=JSON_CONTENT_TYPE,
+                headers=headers,
+                retry=retry,
+                reconnect=reconnect,
+                rng=rng,
+            )
+            transport = HttpTransport(stream, live=live)
+        self._transport: SessionTransport = transport
+        self.url = transport.url
+        self._producer_id = producer_id or f"{author.id}-{new_id()[:12]}"
+        self._producer_epoch = producer_epoch
+        self._auto_claim = auto_claim
+        self._publish_linger = publish_linger
+        self._max_in_flight = max_in_flight
+        self._producer: IdempotentProducer | None = None
+        self._producer_generation = 0
+        self._status = StatusFeed(offline_after=getattr(reconnect, "offline_after", 3))
+        self._subscriptions: set[Subscription] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Session {self.session_id!r} as {self.author.id!r} ({self.status.state})>"
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosed("the session was closed", url=self.url)
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self, *, flush_timeout: float = 5.0) -> None:
+        """Close this client: stop subscriptions, send what is queued (waiting
+        at most ``flush_timeout`` seconds), release connections. Publishes
+        nothing: closing a client never cancels a turn. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for subscription in list(self._subscriptions):
+            await subscription.aclose()
+        producer = self._producer
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.detach(), flush_timeout)
+            except (TimeoutError, DurableError):
+                pass
+            finally:
+                await producer.aclose()
+        await self._transport.aclose()
+        self._status.closed()
+
+    # --- connection state ---------------------------------------------------------------
+
+    @property
+    def status(self) -> ConnectionStatus:
+        """The connection state now."""
+        return self._status.current
+
+    def status_changes(self) -> AsyncIterator[ConnectionStatus]:
+        """The current state, then every change, until closed or failed."""
+        return self._status.changes()
+
+    # --- the stream --------------------------------------------------------------------
+
+    async def create(self) -> bool:
+        """Create the session's stream if it does not exist; True if created now."""
+        self._check_open()
+        return await self._transport.create()
+
+    def subscribe(
+        self,
+        start: StartPoint = "beginning",
+        *,
+        offset_store: OffsetStore | None = None,
+        consumer: str = "default",
+        queue_size: int = 1024,
+        dedupe_capacity: int = 10_000,
+    ) -> Subscription:
+        """Events from ``start`` on: history, then live, each exactly once, in order.
+
+        With an ``offset_store`` holding a position for ``consumer`` in this
+        session, the subscription resumes there and ``start`` is ignored; it
+        saves its position as events are processed.
+        """
+        self._check_open()
+        subscription = Subscription(
+            self,
+            start,
+            offset_store=offset_store,
+            consumer=consumer,
+            queue_size=queue_size,
+            dedupe_capacity=dedupe_capacity,
+        )
+        self._subscriptions.add(subscription)
+        return subscription
+
+    # --- publishing -----------------------------------------------------------------
+
+    def _publisher(self) -> IdempotentProducer:
+        producer = self._producer
+        if producer is None or producer.error is not None:
+            # A producer that failed (e.g. the stream did not exist yet) stays
+            # failed; later publishes get a fresh producer id.
+            self._producer_generation += 1
+            pid = self._producer_id
+            if self._producer_generation > 1:
+                pid = f"{pid}.{self._producer_generation}"
+            producer = IdempotentProducer(
+                self._transport,
+                pid,
+                epoch=self._producer_epoch,
+                auto_claim=self._auto_claim,
+                linger=self._publish_linger,
+                max_in_flight=self._max_in_flight,
+                retry=self.reconnect,
+                on_retry=self._status.retrying,
+                on_success=self._status.connected,
+            )
+            self._producer = producer
+        return producer
+
+    def publish_nowait(self, event: AnyEvent) -> asyncio.Future[PublishAck]:
+        """Queue ``event`` for publishing; the future resolves when it landed.
+
+        Events published by one Session land in the order they were queued.
+        """
+        self._check_open()
+        inner = self._publisher().append_json(event.to_json())
+        outer: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
+
+        def transfer(fut: asyncio.Future[Any]) -> None:
+            if outer.done():
+                return
+            if fut.cancelled():
+                outer.cancel()
+            elif (exc := fut.exception()) is not None:
+                outer.set_exception(exc)
+            else:
+                result = fut.result()
+                outer.set_result(PublishAck(event, result.offset, result.duplicate))
+
+        inner.add_done_callback(transfer)
+        outer.add_done_callback(_retrieve)
+        return outer
+
+    async def publish(self, event: AnyEvent) -> PublishAck:
+        """Publish ``event`` exactly once and return where it landed.
+
+        Retried (same producer stamp, so never duplicated) while the server is
+        unreachable, for as long as the reconnect policy allows; the connection
+        state shows the retries. If you stop waiting (cancel or time out), the
+        event stays queued and is still sent.
+        """
+        return await asyncio.shield(self.publish_nowait(event))
+
+    async def flush(self) -> None:
+        """Wait until every queued publish landed."""
+        if self._producer is not None:
+            await self._producer.flush()
+
+    # --- helpers for common events ------------------------------------------------------
+
+    async def send_message(
+        self, text: str, *, to: tuple[str, ...] | None = None, turn_id: str | None = None
+    ) -> PublishAck:
+        """Publish a user message opening a new turn (``ack.event.turn_id``)."""
+        event = UserMessage(author=self.author, text=text, to=to, turn_id=turn_id or new_id())
+        return await self.publish(event)
+
+    async def cancel(
+        self,
+        turn_id: str | None = None,
+        *,
+        author_id: str | None = None,
+        everything: bool = False,
+        reason: str | None = None,
+    ) -> PublishAck:
+        """Publish an explicit cancel: of one turn, of one author's replies
+        (``author_id``), or of every reply in progress (``everything=True``)."""
+        chosen = sum([turn_id is not None, author_id is not None, everything])
+        if chosen != 1:
+            raise UsageError("cancel needs exactly one of turn_id, author_id, everything=True")
+        if turn_id is not None:
+            event = Cancel(author=self.author, turn_id=turn_id, reason=reason)
+        elif author_id is not None:
+            event = Cancel(
+                author=self.author,
+                scope=CancelScope.AUTHOR,
+                target_author_id=author_id,
+                reason=reason,
+            )
+        else:
+            event = Cancel(author=self.author, scope=CancelScope.ALL, reason=reason)
+        return await self.publish(event)
+
+    async def steer(
+        self, turn_id: str, text: str, *, mode: SteerMode = SteerMode.STEER
+    ) -> PublishAck:
+        """Publish guidance for the running turn ``turn_id``."""
+        return await self.publish(Steer(author=self.author, turn_id=turn_id, text=text, mode=mode))
+
+    async def report_progress(
+        self,
+        turn_id: str,
+        source: str,
+        *,
+        status: ProgressStatus = ProgressStatus.RUNNING,
+        message: str | None = None,
+        fraction: float | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> PublishAck:
+        """Publish progress of a tool or sub-agent (``source``) working on ``turn_id``."""
+        return await self.publish(
+            Progress(
+                author=self.author,
+                turn_id=turn_id,
+                source=source,
+                status=status,
+                message=message,
+                fraction=fraction,
+                data=data,
+            )
+        )
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
