@@ -1,0 +1,134 @@
+"""Fixtures for the client tests: real servers on loopback sockets.
+
+- ``reference_url``: the Node reference server (``conformance/reference-server.mjs``),
+  one subprocess for the whole run, killed at teardown. Skipped without node or
+  its ``node_modules``.
+- ``ours_url``: our ``mock_server``, in this test's event loop.
+- ``server_url``: parametrized over both, for interoperability tests.
+- ``proxy``: a fault-injecting TCP proxy (``_proxy.Proxy``) in front of the
+  parametrized server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ._proxy import Proxy
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERENCE_SERVER = ROOT / "conformance" / "reference-server.mjs"
+LONG_POLL_MS = 500
+
+
+def _reference_available() -> str | None:
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not (ROOT / "conformance" / "node_modules" / "@durable-streams" / "server").is_dir():
+        return "conformance/node_modules is missing (run: python3 dev.py setup)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def reference_url() -> Iterator[str]:
+    """The Node reference server's base URL (started once per test run)."""
+    reason = _reference_available()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "DS_LONG_POLL_MS": str(LONG_POLL_MS), "DS_PORT": "0"}
+    proc = subprocess.Popen(
+        ["node", str(REFERENCE_SERVER)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+    assert proc.stdout is not None
+    url: list[str] = []
+
+    def read_ready() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("READY "):
+                url.append(line.split()[1].strip())
+                return
+
+    reader = threading.Thread(target=read_ready, daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    if not url:
+        proc.kill()
+        proc.wait(timeout=5)
+        pytest.fail("the reference server did not print READY within 20 s")
+    # Keep draining its output so it never blocks on a full pipe.
+    threading.Thread(target=lambda: proc.stdout and proc.stdout.read(), daemon=True).start()
+    try:
+        yield url[0]
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()  # the server exits when its stdin closes
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@pytest.fixture
+async def ours_url() -> AsyncIterator[str]:
+    """Our server (mock_server), in this test's event loop."""
+    try:
+        from mock_server.testing import serve
+    except ImportError:  # pragma: no cover - the server package is optional here
+        pytest.skip("mock_server.testing is not available")
+    async with serve(long_poll_timeout=LONG_POLL_MS / 1000) as running:
+        yield running.url
+
+
+@pytest.fixture(params=["ours", "reference"])
+def server_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def server_url(server_kind: str, request: pytest.FixtureRequest) -> str:
+    """A base URL: our server or the Node reference server (parametrized)."""
+    if server_kind == "reference":
+        return str(request.getfixturevalue("reference_url"))
+    return str(request.getfixturevalue("ours_url"))
+
+
+@pytest.fixture
+async def proxy(server_url: str) -> AsyncIterator[Proxy]:
+    """A fault-injecting proxy in front of ``server_url``."""
+    async with Proxy(server_url) as running:
+        yield running
+
+
+@pytest.fixture
+def stream_name() -> str:
+    """A stream path no other test uses (the reference server lives all run)."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """Unique names for sessions and streams."""
+    return lambda prefix: f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` holds; the timeout only bounds a failure."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - state lives in another task
+            await asyncio.sleep(0.005)
