@@ -343,12 +343,17 @@ def error_from_response(
     """Map a non-success HTTP answer to the error tree.
 
     ``operation`` names what was attempted ("append", "read", ...) for the message.
-    ``body`` is the (already read) response text, if any, appended to the message.
+    ``body`` is the response text (read from ``response`` when omitted).
     """
     status = response.status_code
     h = response.headers
     headers = dict(h)
-    detail = (body or "").strip()
+    if body is None:
+        try:
+            body = response.text
+        except (httpx.ResponseNotRead, UnicodeDecodeError):
+            body = ""
+    detail = body.strip()
     if len(detail) > 200:
         detail = detail[:200] + "..."
     message = f"{operation} failed" + (f": {detail}" if detail else "")

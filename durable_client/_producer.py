@@ -147,6 +147,9 @@ class BatchSink(Protocol):
         ...
 
 
+_MAX_GAP_RETRIES = 3
+
+
 class _BatchState(enum.Enum):
     OPEN = "open"  # still accepting items
     QUEUED = "queued"  # sealed, waiting for a slot (and a stamp)
@@ -455,6 +458,7 @@ class IdempotentProducer:
 
     async def _send(self, batch: _Batch) -> None:
         backoff = Backoff(self.retry) if self.retry is not None else None
+        gap_retries = 0
         while True:
             stamp = batch.stamp
             assert stamp is not None
@@ -463,14 +467,21 @@ class IdempotentProducer:
             except asyncio.CancelledError:
                 raise
             except SequenceGap as exc:
-                if self._earlier_outstanding(batch) and (
-                    exc.received_seq is None or exc.received_seq == stamp.seq
-                ):
+                if exc.received_seq is not None and exc.received_seq != stamp.seq:
+                    self._fail_all(exc)
+                    return
+                if self._earlier_outstanding(batch):
                     batch.state = _BatchState.PARKED_GAP
                     self._pump()
                     return
-                self._fail_all(exc)
-                return
+                # Nothing earlier is outstanding any more: the earlier batches
+                # landed while this answer was on its way. Send again at once,
+                # a few times at most (a server that lost our state stays a gap).
+                gap_retries += 1
+                if gap_retries > _MAX_GAP_RETRIES:
+                    self._fail_all(exc)
+                    return
+                continue
             except StaleEpoch as exc:
                 if not self._state.auto_claim:
                     self._fail_all(exc)

@@ -99,7 +99,6 @@ class _Marker:
         return f"<{self.name}>"
 
 
-_CAUGHT_UP = _Marker("caught-up")
 _END = _Marker("end")
 
 
@@ -107,6 +106,7 @@ _END = _Marker("end")
 class _Delivery:
     event: AnyEvent | None  # None: nothing to hand out, only the position moves
     position: Position
+    caught_up: bool = False  # the last delivery of the first up-to-date batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +159,9 @@ class Subscription:
         self._committed: Position | None = None
         self._done = False
         self._closed = False
-        #: Set once every event that existed when the subscription reached the
-        #: tail for the first time has been handed out ("history loaded").
+        #: Set once every event that existed when the subscription first reached
+        #: the tail has been handed out ("history loaded"): as the last of them is
+        #: returned, or while the consumer waits for the next event.
         self.caught_up = asyncio.Event()
         #: The position right after the last event handed out (``None`` before).
         self.position: Position | None = None
@@ -227,15 +228,14 @@ class Subscription:
             item = await self._queue.get()
             if isinstance(item, _Delivery):
                 self.position = item.position
+                if item.caught_up:
+                    self.caught_up.set()
                 if item.event is None:
                     self._pending = item.position
                     await self._commit()
                     continue
                 self._pending = item.position
                 return item.event
-            if item is _CAUGHT_UP:
-                self.caught_up.set()
-                continue
             self._done = True
             await self._commit()
             if isinstance(item, _Failure):
@@ -294,10 +294,9 @@ class Subscription:
                                 productive = True
                                 backoff.reset()
                                 feed.connected()
-                            await self._take(tracker, batch)
-                            if batch.up_to_date and not caught_up_sent:
-                                caught_up_sent = True
-                                await self._queue.put(_CAUGHT_UP)
+                            caught_up = batch.up_to_date and not caught_up_sent
+                            caught_up_sent = caught_up_sent or caught_up
+                            await self._take(tracker, batch, caught_up=caught_up)
                             if batch.closed:
                                 feed.closed()
                                 await self._queue.put(_END)
@@ -323,18 +322,24 @@ class Subscription:
         except Exception as exc:  # a bug: surface it to the consumer, not the loop
             await self._queue.put(_Failure(exc))
 
-    async def _take(self, tracker: ResumeTracker, batch: TransportBatch) -> None:
+    async def _take(
+        self, tracker: ResumeTracker, batch: TransportBatch, *, caught_up: bool
+    ) -> None:
         before = tracker.position
-        last: Position | None = None
+        deliveries: list[_Delivery] = []
         for message, position in tracker.accept(batch.start_offset, batch.messages, batch.offset):
             event = parse_event(message)
             if event.event_id is not None and self._dedupe.seen(event.event_id):
-                await self._queue.put(_Delivery(None, position))
+                deliveries.append(_Delivery(None, position))
             else:
-                await self._queue.put(_Delivery(event, position))
-            last = position
-        if tracker.position != before and tracker.position != last:
-            await self._queue.put(_Delivery(None, tracker.position))
+                deliveries.append(_Delivery(event, position))
+        last = deliveries[-1].position if deliveries else None
+        if tracker.position != last and (tracker.position != before or caught_up):
+            deliveries.append(_Delivery(None, tracker.position))
+        if caught_up:
+            deliveries[-1] = _Delivery(deliveries[-1].event, deliveries[-1].position, True)
+        for delivery in deliveries:
+            await self._queue.put(delivery)
 
 
 class Session:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -71,7 +72,8 @@ def reference_url() -> Iterator[str]:
         proc.wait(timeout=5)
         pytest.fail("the reference server did not print READY within 20 s")
     # Keep draining its output so it never blocks on a full pipe.
-    threading.Thread(target=lambda: proc.stdout and proc.stdout.read(), daemon=True).start()
+    drain = threading.Thread(target=proc.stdout.read, daemon=True)
+    drain.start()
     try:
         yield url[0]
     finally:
@@ -82,11 +84,13 @@ def reference_url() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+        drain.join(timeout=5)
+        proc.stdout.close()
 
 
-@pytest.fixture
-async def ours_url() -> AsyncIterator[str]:
-    """Our server (mock_server), in this test's event loop."""
+@contextlib.asynccontextmanager
+async def serve_ours() -> AsyncIterator[str]:
+    """Our server (mock_server), in the running event loop; yields its base URL."""
     try:
         from mock_server.testing import serve
     except ImportError:  # pragma: no cover - the server package is optional here
@@ -95,17 +99,26 @@ async def ours_url() -> AsyncIterator[str]:
         yield running.url
 
 
+@pytest.fixture
+async def ours_url() -> AsyncIterator[str]:
+    """Our server (mock_server), in this test's event loop."""
+    async with serve_ours() as url:
+        yield url
+
+
 @pytest.fixture(params=["ours", "reference"])
 def server_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
-async def server_url(server_kind: str, request: pytest.FixtureRequest) -> str:
+async def server_url(server_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[str]:
     """A base URL: our server or the Node reference server (parametrized)."""
     if server_kind == "reference":
-        return str(request.getfixturevalue("reference_url"))
-    return str(request.getfixturevalue("ours_url"))
+        yield str(request.getfixturevalue("reference_url"))
+        return
+    async with serve_ours() as url:
+        yield url
 
 
 @pytest.fixture
