@@ -51,6 +51,32 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="close SSE responses after this long; clients resume (default 60)",
     )
     parser.add_argument(
+        "--no-websocket",
+        action="store_true",
+        help="serve HTTP only (clients fall back to SSE / long-poll)",
+    )
+    parser.add_argument(
+        "--ws-ping-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="WebSocket keepalive ping interval (default 5; 0 disables)",
+    )
+    parser.add_argument(
+        "--ws-ping-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="close a WebSocket whose pong is this late (default 5)",
+    )
+    parser.add_argument(
+        "--presence-grace",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="a vanished client leaves presence after this (default 3)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -67,6 +93,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         long_poll_timeout=args.long_poll_timeout,
         max_body_bytes=args.max_body_bytes,
         sse_max_duration=args.sse_max_duration,
+        websocket=not args.no_websocket,
+        ws_ping_interval=args.ws_ping_interval,
+        ws_ping_timeout=args.ws_ping_timeout,
+        presence_grace=args.presence_grace,
         log_level=args.log_level,
     )
 

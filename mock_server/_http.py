@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from durable_client import _protocol as P
+from durable_client._ws_frames import WS_PATH
 
 from ._model import StreamState, parse_rfc3339
 from ._offsets import format_offset
@@ -241,10 +242,11 @@ class DurableStreamsApp:
         kind = scope["type"]
         if kind == "http":
             await self._http(Request(scope, receive), send)
-        elif kind == "websocket" and self.websocket_handler is not None:
-            await self.websocket_handler(scope, receive, send)
         elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1008, "reason": "no WebSocket here"})
+            if self.websocket_handler is not None and scope["path"] == WS_PATH:
+                await self.websocket_handler(scope, receive, send)
+            else:  # before accept: the handshake is refused with 403
+                await send({"type": "websocket.close", "code": 1008, "reason": "no WebSocket here"})
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -299,11 +301,15 @@ class DurableStreamsApp:
             await self.extra_routes[req.path](req.scope, req.receive, send)
             return
         if req.path == "/health":
+            transports = ["http", "sse", "long-poll"]
+            if self.websocket_handler is not None:
+                transports.append("websocket")
             body = json.dumps(
                 {
                     "status": "ok",
                     "streams": len(self.store.paths()),
                     "uptime_s": round(time.time() - self.started_at, 3),
+                    "transports": transports,
                 }
             ).encode()
             await _respond(send, 200, [("Content-Type", "application/json")], body)

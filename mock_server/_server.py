@@ -16,6 +16,7 @@ import uvicorn
 from ._http import DurableStreamsApp, ServerConfig
 from ._storage import MemoryStorage, SqliteStorage, Storage
 from ._store import StreamStore
+from ._ws import WebSocketConfig, WebSocketEndpoint
 
 log = logging.getLogger("mock_server")
 
@@ -31,6 +32,13 @@ class Settings:
     long_poll_timeout: float = 30.0
     max_body_bytes: int = 16 * 1024 * 1024
     sse_max_duration: float = 60.0
+    websocket: bool = True
+    ws_ping_interval: float = 5.0
+    ws_ping_timeout: float = 5.0
+    ws_max_frame_bytes: int = 1024 * 1024
+    ws_max_queued_frames: int = 256
+    ws_slow_consumer_timeout: float = 10.0
+    presence_grace: float = 3.0
     log_level: str = "info"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -47,7 +55,20 @@ def build_app(settings: Settings) -> DurableStreamsApp:
         max_body_bytes=settings.max_body_bytes,
         sse_max_duration=settings.sse_max_duration,
     )
-    return DurableStreamsApp(StreamStore(storage), config)
+    app = DurableStreamsApp(StreamStore(storage), config)
+    if settings.websocket:
+        app.websocket_handler = WebSocketEndpoint(
+            app.store,
+            WebSocketConfig(
+                max_body_bytes=settings.max_body_bytes,
+                max_queued_frames=settings.ws_max_queued_frames,
+                slow_consumer_timeout=settings.ws_slow_consumer_timeout,
+                presence_grace=settings.presence_grace,
+                live_wait=settings.long_poll_timeout,
+            ),
+            app.shutting_down,
+        )
+    return app
 
 
 class _Server(uvicorn.Server):
@@ -73,8 +94,10 @@ def _uvicorn_config(app: DurableStreamsApp, settings: Settings) -> uvicorn.Confi
         log_level=settings.log_level,
         access_log=False,  # our own request log line, at debug level
         timeout_graceful_shutdown=5,
-        ws_ping_interval=None,
-        ws_ping_timeout=None,
+        ws_ping_interval=settings.ws_ping_interval or None,
+        ws_ping_timeout=settings.ws_ping_timeout or None,
+        ws_max_size=settings.ws_max_frame_bytes,
+        ws_per_message_deflate=False,
     )
 
 
