@@ -22,6 +22,20 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 [ -n "$url" ] || { echo "server did not start"; cat "$workdir/server.log"; exit 1; }
+# The banner comes before the first accept: wait until /health answers.
+"$python" - "$url" <<'PY' || { echo "server not healthy"; cat "$workdir/server.log"; exit 1; }
+import sys, time, urllib.request
+deadline = time.monotonic() + 20
+while True:
+    try:
+        urllib.request.urlopen(sys.argv[1] + "/health", timeout=2).read()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+PY
 echo "conformance: $backend backend at $url"
 cd "$here"
 DS_BASE_URL="$url" DS_LONG_POLL_MS="$long_poll_ms" npx vitest run --config vitest.config.mjs "$@"
+kill -0 "$server_pid" 2>/dev/null || { echo "the server died during the suite:"; cat "$workdir/server.log"; exit 1; }

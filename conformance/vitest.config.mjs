@@ -3,7 +3,7 @@ import { defineConfig } from "vitest/config"
 export default defineConfig({
   test: {
     include: ["conformance.test.mjs"],
-    testTimeout: 60000,
+    testTimeout: 30000,
     hookTimeout: 60000,
   },
 })

@@ -120,7 +120,9 @@ async def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM."""
     app = build_app(settings)
     sock = bind(settings.host, settings.port)
-    server = _Server(_uvicorn_config(app, settings), app)
+    config = _uvicorn_config(app, settings)
+    config.load()  # import errors surface before the banner says we are up
+    server = _Server(config, app)
     storage = f"sqlite at {settings.data_dir}" if settings.data_dir else "in memory"
     print(f"durable session server on {url_of(sock)} (streams {storage}; Ctrl-C stops)", flush=True)
     await server.serve(sockets=[sock])
