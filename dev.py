@@ -7,6 +7,7 @@
     python3 dev.py lint          ruff check, ruff format --check, mypy
     python3 dev.py conformance   the official server conformance suite, memory and SQLite
     python3 dev.py bench [ARGS]  the benchmarks
+    python3 dev.py package       build the wheel; install it alone, then with [server]
 
 "Set up" makes ``.venv`` and installs the project with its development
 extras (once, and again when pyproject.toml changes), and installs the pinned
@@ -69,6 +70,36 @@ def setup_node() -> None:
         must(npm, "ci", "--no-audit", "--no-fund", "--loglevel=error", cwd=CONFORMANCE)
 
 
+def package() -> int:
+    """The wheel installs cleanly: the SDK alone brings no server, and [server] runs."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        dist = Path(scratch) / "dist"
+        must(PYTHON, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", dist, ".")
+        (wheel,) = dist.glob("*.whl")
+        print(f"dev: built {wheel.name}")
+        checks = {
+            "sdk": (
+                "",
+                "import durable_client, importlib.util as u; "
+                "assert u.find_spec('uvicorn') is None, 'the SDK must not bring the server'",
+            ),
+            "server": (
+                "[server]",
+                "import mock_server.__main__ as m; m.parse_args(['--port', '0'])",
+            ),
+        }
+        for name, (extra, code) in checks.items():
+            env = Path(scratch) / name
+            venv.EnvBuilder(with_pip=True).create(env)
+            python = env / BIN.name / PYTHON.name
+            must(python, "-m", "pip", "install", "--quiet", f"{wheel}{extra}")
+            must(python, "-c", code, cwd=Path(scratch))
+            print(f"dev: wheel{extra or ' (SDK only)'} installs and imports")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     task, rest = (argv[0], argv[1:]) if argv else ("help", [])
     if task in ("help", "-h", "--help"):
@@ -97,6 +128,8 @@ def main(argv: list[str]) -> int:
                 env={**os.environ, "PYTHON": str(PYTHON)},
             )
         return 1 if failed else 0
+    if task == "package":
+        return package()
     if task == "bench":
         return run(PYTHON, "-m", "bench", *rest)
     print(f"unknown task {task!r}\n{__doc__}", file=sys.stderr)
