@@ -1,0 +1,93 @@
+"""Deterministic chaos: faults that land at exactly the same point on every run.
+
+- :mod:`~mock_server.chaos.plan`: fault plans as data (:class:`FaultPlan`), from
+  JSON or YAML, or drawn from a seed.
+- :class:`ChaosProxy`: byte-level faults in a TCP proxy in front of any server.
+- :class:`ServerFaults`, :func:`serve_chaos`: application-level faults in this
+  project's server (also ``python -m mock_server --chaos``, with an admin endpoint).
+- :func:`check_history`, :class:`HistoryRecorder`: lost, duplicated, reordered
+  and unexpected events, offset issues, content hash.
+- :class:`ProtocolReader`, :class:`ProtocolWriter`: reference clients for runs.
+
+See docs/chaos.md.
+"""
+
+from .checker import (
+    HistoryRecorder,
+    HistoryReport,
+    Published,
+    Seen,
+    SubscriberHistory,
+    SubscriberReport,
+    check_history,
+    content_hash,
+)
+from .plan import (
+    AfterBytes,
+    AfterEvent,
+    Always,
+    AtOffset,
+    Bandwidth,
+    Crash,
+    Delay,
+    Down,
+    Drop,
+    Duplicate,
+    FaultPlan,
+    Fin,
+    HalfOpen,
+    HttpError,
+    Latency,
+    LostAck,
+    Match,
+    OnConnection,
+    OnRequest,
+    OnResume,
+    Probability,
+    Reset,
+    Rule,
+    Slicer,
+    Stall,
+    Trim,
+    derive_seed,
+    rng_for,
+)
+
+__all__ = [
+    "AfterBytes",
+    "AfterEvent",
+    "Always",
+    "AtOffset",
+    "Bandwidth",
+    "Crash",
+    "Delay",
+    "Down",
+    "Drop",
+    "Duplicate",
+    "FaultPlan",
+    "Fin",
+    "HalfOpen",
+    "HistoryRecorder",
+    "HistoryReport",
+    "HttpError",
+    "Latency",
+    "LostAck",
+    "Match",
+    "OnConnection",
+    "OnRequest",
+    "OnResume",
+    "Probability",
+    "Published",
+    "Reset",
+    "Rule",
+    "Seen",
+    "Slicer",
+    "Stall",
+    "SubscriberHistory",
+    "SubscriberReport",
+    "Trim",
+    "check_history",
+    "content_hash",
+    "derive_seed",
+    "rng_for",
+]
