@@ -52,6 +52,7 @@ from .plan import (
     derive_seed,
     rng_for,
 )
+from .proxy import ChaosProxy, ConnectionStats, ProxyFaultRecord
 
 __all__ = [
     "AfterBytes",
@@ -59,6 +60,8 @@ __all__ = [
     "Always",
     "AtOffset",
     "Bandwidth",
+    "ChaosProxy",
+    "ConnectionStats",
     "Crash",
     "Delay",
     "Down",
@@ -77,6 +80,7 @@ __all__ = [
     "OnRequest",
     "OnResume",
     "Probability",
+    "ProxyFaultRecord",
     "Published",
     "Reset",
     "Rule",
