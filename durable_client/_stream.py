@@ -692,7 +692,9 @@ class DurableStream:
             ``"sse"`` / ``"long-poll"``: that mode from the start.
 
         Retryable failures reconnect from the last offset after a backoff
-        (``reconnect`` policy; ``on_retry(attempt, delay, error)`` is told).
+        (``reconnect`` policy; by default the stream's ``reconnect`` policy for
+        live reads and its ``retry`` policy for ``live=False``;
+        ``on_retry(attempt, delay, error)`` is told).
         The iteration ends after the batch with ``closed=True``: no request is
         made after the stream is known to be closed. Fatal errors raise,
         :class:`OffsetGone` among them. Use ``contextlib.aclosing`` to release
@@ -700,7 +702,13 @@ class DurableStream:
         """
         if live is True:
             live = "auto"
-        policy = reconnect or self.reconnect
+        if reconnect is not None:
+            policy = reconnect
+        elif live is False:
+            # A finite read: give up as a single request would.
+            policy = self.retry or RetryPolicy(max_attempts=1)
+        else:
+            policy = self.reconnect
         backoff = Backoff(policy, rng=self._rng)
         phase: str = "catch-up" if live in (False, "auto") else str(live)
         cursor: str | None = None
