@@ -72,8 +72,8 @@ async def test_feed_yields_current_then_changes_then_ends() -> None:
 
 async def test_wait_for() -> None:
     feed = StatusFeed()
+    # Whether the waiter starts before or after the change, it sees CONNECTED.
     waiter = asyncio.create_task(feed.wait_for(S.CONNECTED))
-    await asyncio.sleep(0)
     feed.connecting()
     feed.connected()
     assert (await asyncio.wait_for(waiter, 2)).state is S.CONNECTED
