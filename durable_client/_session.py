@@ -76,12 +76,14 @@ StartPoint: TypeAlias = Literal["beginning", "now"] | Position | str
 class PublishAck:
     """A published event and where it landed.
 
-    ``offset`` is the stream offset right after the event: a subscription
+    ``offset`` is the stream offset right after the event (after the request
+    that carried it, when several events shared one request): a subscription
     started there sees only later events. It is ``None`` in one case: the
-    append was retried after its answer was lost and the server recognised the
-    retry as a duplicate without saying where the original landed (the Node
-    reference server does this). The event is in the session exactly once
-    either way.
+    append was retried after its answer was lost, and the server recognised
+    the retry as a duplicate (``duplicate=True``). Servers do not say where the
+    original landed then (the Node reference sends no offset, ours sends the
+    current tail), so no offset is better than a wrong one. The event is in
+    the session exactly once either way.
     """
 
     event: AnyEvent
@@ -543,7 +545,10 @@ class Session:
                 outer.set_exception(exc)
             else:
                 result = fut.result()
-                outer.set_result(PublishAck(event, result.offset, result.duplicate))
+                # A duplicate's offset, if any, is the tail at retry time, not
+                # where the event landed: report no offset rather than a wrong one.
+                offset = None if result.duplicate else result.offset
+                outer.set_result(PublishAck(event, offset, result.duplicate))
 
         inner.add_done_callback(transfer)
         outer.add_done_callback(_retrieve)

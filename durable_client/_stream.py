@@ -113,8 +113,9 @@ class CreateResult:
 class AppendResult:
     """The answer to an append.
 
-    ``offset`` is the stream's next offset after this append; it may be ``None``
-    for an idempotent-producer duplicate (the Node reference server sends none).
+    ``offset`` is the stream's next offset after this append. For an
+    idempotent-producer duplicate (``duplicate=True``) it is whatever the server
+    sent: the current tail, or ``None`` (the Node reference server sends none).
     """
 
     offset: str | None

@@ -138,6 +138,8 @@ async def test_a_publish_whose_answer_is_lost_is_not_duplicated(
         acks = [await session.send_message(f"m{i}") for i in range(4)]
         assert fault.fired.is_set()
         assert acks[lost - 1].duplicate  # the retry was recognised by the server
+        assert acks[lost - 1].offset is None  # where it landed is unknown, not guessed
+        assert all(a.offset for a in acks if not a.duplicate)
         assert [a.duplicate for a in acks].count(True) == 1
     async with session_at(server_url, session_id) as direct, direct.subscribe() as events:
         got = [text_of(await next_event(events)) for _ in range(4)]
