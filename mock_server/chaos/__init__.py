@@ -12,6 +12,7 @@
 See docs/chaos.md.
 """
 
+from ._serve import ChaosServer, serve_chaos
 from .checker import (
     HistoryRecorder,
     HistoryReport,
@@ -53,6 +54,8 @@ from .plan import (
     rng_for,
 )
 from .proxy import ChaosProxy, ConnectionStats, ProxyFaultRecord
+from .reader import ProtocolReader, ProtocolWriter, ReaderGaveUp, RetryPolicy, WriterGaveUp
+from .server_faults import ConnectionDropped, ServerFaultRecord, ServerFaults
 
 __all__ = [
     "AfterBytes",
@@ -61,6 +64,8 @@ __all__ = [
     "AtOffset",
     "Bandwidth",
     "ChaosProxy",
+    "ChaosServer",
+    "ConnectionDropped",
     "ConnectionStats",
     "Crash",
     "Delay",
@@ -80,18 +85,26 @@ __all__ = [
     "OnRequest",
     "OnResume",
     "Probability",
+    "ProtocolReader",
+    "ProtocolWriter",
     "ProxyFaultRecord",
     "Published",
+    "ReaderGaveUp",
     "Reset",
+    "RetryPolicy",
     "Rule",
     "Seen",
+    "ServerFaultRecord",
+    "ServerFaults",
     "Slicer",
     "Stall",
     "SubscriberHistory",
     "SubscriberReport",
     "Trim",
+    "WriterGaveUp",
     "check_history",
     "content_hash",
     "derive_seed",
     "rng_for",
+    "serve_chaos",
 ]
