@@ -77,6 +77,17 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="a vanished client leaves presence after this (default 3)",
     )
     parser.add_argument(
+        "--chaos",
+        action="store_true",
+        help="enable fault injection and its admin endpoint /_chaos/plan (for tests only)",
+    )
+    parser.add_argument(
+        "--fault-plan",
+        type=Path,
+        metavar="FILE",
+        help="apply this fault plan (.json, .yaml) from the start; see docs/chaos.md",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -85,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     if args.long_poll_timeout <= 0:
         parser.error("--long-poll-timeout must be positive")
+    if args.fault_plan is not None:
+        from .chaos.plan import FaultPlan
+
+        try:
+            FaultPlan.from_file(args.fault_plan)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--fault-plan: {exc}")
     return Settings(
         host=args.host,
         port=args.port,
@@ -98,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         ws_ping_timeout=args.ws_ping_timeout,
         presence_grace=args.presence_grace,
         log_level=args.log_level,
+        chaos=args.chaos,
+        fault_plan=args.fault_plan,
     )
 
 

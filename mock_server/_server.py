@@ -40,6 +40,8 @@ class Settings:
     ws_slow_consumer_timeout: float = 10.0
     presence_grace: float = 3.0
     log_level: str = "info"
+    chaos: bool = False  # fault middleware and its admin endpoint (/_chaos/...)
+    fault_plan: Path | None = None  # a fault plan (.json/.yaml) applied from the start
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -83,7 +85,21 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _uvicorn_config(app: DurableStreamsApp, settings: Settings) -> uvicorn.Config:
+def with_chaos(app: DurableStreamsApp, settings: Settings) -> Any:
+    """``app``, wrapped in the chaos fault middleware if ``settings`` ask for it.
+
+    A server in a process of its own may crash itself (the ``crash`` fault).
+    """
+    if not settings.chaos and settings.fault_plan is None:
+        return app
+    from .chaos.plan import FaultPlan
+    from .chaos.server_faults import ServerFaults
+
+    plan = FaultPlan.from_file(settings.fault_plan) if settings.fault_plan else None
+    return ServerFaults(app, plan, allow_crash=True, admin=settings.chaos)
+
+
+def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -123,11 +139,15 @@ async def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM."""
     app = build_app(settings)
     sock = bind(settings.host, settings.port)
-    config = _uvicorn_config(app, settings)
+    config = _uvicorn_config(with_chaos(app, settings), settings)
     config.load()  # import errors surface before the banner says we are up
     server = _Server(config, app)
     storage = f"sqlite at {settings.data_dir}" if settings.data_dir else "in memory"
-    print(f"durable session server on {url_of(sock)} (streams {storage}; Ctrl-C stops)", flush=True)
+    chaos = "; chaos admin at /_chaos/plan" if settings.chaos else ""
+    print(
+        f"durable session server on {url_of(sock)} (streams {storage}{chaos}; Ctrl-C stops)",
+        flush=True,
+    )
     await server.serve(sockets=[sock])
 
 
