@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One entry point for every developer task; needs only Python 3.11+ to start.
 
-    python3 dev.py chat          set up, then run the chat app on the bundled server
+    python3 dev.py chat [ARGS]   set up, then chat (bundled server and demo agent start if needed)
     python3 dev.py serve [ARGS]  set up, then run the session server (python -m mock_server ARGS)
     python3 dev.py test [ARGS]   set up, then run the whole test suite (pytest ARGS)
     python3 dev.py lint          ruff check, ruff format --check, mypy
@@ -111,7 +111,8 @@ def main(argv: list[str]) -> int:
     if task == "serve":
         return run(PYTHON, "-m", "mock_server", *rest)
     if task == "chat":
-        return run(PYTHON, "-m", "tui_demo", *rest)
+        launcher = {**os.environ, "DURABLE_CHAT_LAUNCHER": "python3 dev.py chat"}
+        return run(PYTHON, "-m", "tui_demo", *rest, env=launcher)
     if task == "lint":
         failed = run(BIN / "ruff", "check", ".")
         failed |= run(BIN / "ruff", "format", "--check", ".")
