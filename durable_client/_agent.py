@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from ._errors import ClientClosed, TurnCancelled, UsageError
+from ._errors import ClientClosed, DurableError, TurnCancelled, UsageError
 from ._events import (
     AnyEvent,
     Cancel,
@@ -304,8 +304,10 @@ class AgentReply:
             await self.end(EndReason.CANCELLED)
             return isinstance(exc, TurnCancelled)
         if isinstance(exc, asyncio.CancelledError):
-            # The agent's task was cancelled (shutdown): say so without waiting.
-            self._finish(EndReason.ERROR, error="the agent stopped")
+            # The agent's task was cancelled (shutdown): say so without waiting,
+            # and never let a closed session mask the cancellation.
+            with contextlib.suppress(DurableError):
+                self._finish(EndReason.ERROR, error="the agent stopped")
             return False
         if exc is not None:
             await self.end(EndReason.ERROR, error=f"{type(exc).__name__}: {exc}")
