@@ -9,10 +9,8 @@ join. Closing any terminal, the first included, ends nothing for the others.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -46,24 +44,34 @@ def healthy(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def _detached(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _detached(args: list[str], log: Path) -> int:
+    """Start ``args`` in a session of its own (the terminal's Ctrl-C and hangup do not
+    reach it), output appended to ``log``; returns its process id."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        return subprocess.Popen(
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        return os.posix_spawn(
+            args[0],
             args,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            # Its own session: the terminal's Ctrl-C and hangup do not reach it.
-            start_new_session=True,
-            close_fds=True,
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, fd, 1),
+                (os.POSIX_SPAWN_DUP2, fd, 2),
+            ],
+            setsid=True,
         )
+    finally:
+        os.close(fd)
 
 
-@dataclass
-class Launched:
-    server_started: bool = False
-    agents_started: bool = False
+def _exited(pid: int) -> bool:
+    """Whether our child ``pid`` has exited (reaping it if so)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
 
 
 def ensure_server(url: str, home: Path, *, wait: float = 15.0) -> bool:
@@ -74,7 +82,7 @@ def ensure_server(url: str, home: Path, *, wait: float = 15.0) -> bool:
         raise LaunchError(f"cannot reach the session server at {url}")
     parts = urlsplit(url)
     port = parts.port or 80
-    process = _detached(
+    pid = _detached(
         [
             sys.executable,
             "-m",
@@ -88,11 +96,12 @@ def ensure_server(url: str, home: Path, *, wait: float = 15.0) -> bool:
         ],
         home / "server.log",
     )
+    (home / f"server-{port}.pid").write_text(str(pid))
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if healthy(url, timeout=0.5):
             return True
-        if process.poll() is not None:
+        if _exited(pid):
             raise LaunchError(
                 f"the bundled server could not start on {url}; see {home / 'server.log'}"
             )
@@ -119,7 +128,7 @@ def ensure_agents(url: str, home: Path, extra_args: list[str]) -> bool:
             return False
     except (OSError, ValueError):
         pass
-    process = _detached(
+    pid = _detached(
         [
             sys.executable,
             "-m",
@@ -136,5 +145,5 @@ def ensure_agents(url: str, home: Path, extra_args: list[str]) -> bool:
     )
     # Written here too (the host rewrites it), so a terminal started a moment
     # later finds this host instead of starting a second one.
-    pidfile.write_text(str(process.pid))
+    pidfile.write_text(str(pid))
     return True

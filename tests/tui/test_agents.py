@@ -1,0 +1,214 @@
+"""The agents as session clients: the OpenAI-compatible one against a fake streaming endpoint,
+the demo agent's determinism, and the launcher's detached processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from durable_client import Agent, Author, IncomingTurn, MemoryOffsetStore, Session
+from mock_server.testing import RunningServer, serve
+from tui_demo._launch import ensure_agents, ensure_server, healthy
+from tui_demo.agents import demo
+from tui_demo.agents.host import run_agent
+from tui_demo.agents.openai import ModelConfig, ModelError, completion_tokens
+from tui_demo.agents.openai import answer as model_answer
+
+Scope = MutableMapping[str, Any]
+
+
+class FakeModel:
+    """An OpenAI-compatible chat-completions endpoint that streams scripted chunks."""
+
+    def __init__(self, chunks: list[str], *, hang: bool = False, status: int = 200) -> None:
+        self.chunks = chunks
+        self.hang = hang  # after the chunks, stream nothing until the client goes away
+        self.status = status
+        self.requests: list[dict[str, Any]] = []
+        self.disconnected = asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.requests.append(
+            {
+                "path": scope["path"],
+                "json": json.loads(body),
+                "auth": dict(scope["headers"]).get(b"authorization"),
+            }
+        )
+        if self.status != 200:
+            await send({"type": "http.response.start", "status": self.status, "headers": []})
+            await send({"type": "http.response.body", "body": b'{"error":"quota"}'})
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for chunk in self.chunks:
+            event = {"choices": [{"index": 0, "delta": {"content": chunk}}]}
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": f"data: {json.dumps(event)}\n\n".encode(),
+                    "more_body": True,
+                }
+            )
+        if self.hang:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.disconnected.set()
+            return
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+@contextlib.asynccontextmanager
+async def fake_endpoint(model: FakeModel) -> AsyncIterator[str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(model, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:  # noqa: ASYNC110 - uvicorn offers no started event
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+async def test_completion_tokens_parse_the_stream() -> None:
+    model = FakeModel(["Hel", "lo", " there"])
+    async with fake_endpoint(model) as url, httpx.AsyncClient() as http:
+        config = ModelConfig(url, "test-model", api_key="sk-test")
+        got = [
+            t async for t in completion_tokens(http, config, [{"role": "user", "content": "hi"}])
+        ]
+    assert got == ["Hel", "lo", " there"]
+    request = model.requests[0]
+    assert request["path"] == "/v1/chat/completions"
+    assert request["json"]["stream"] is True
+    assert request["json"]["model"] == "test-model"
+    assert request["auth"] == b"Bearer sk-test"
+
+
+async def test_an_endpoint_error_is_a_clear_message() -> None:
+    async with fake_endpoint(FakeModel([], status=429)) as url, httpx.AsyncClient() as http:
+        with pytest.raises(ModelError, match="answered 429"):
+            async for _ in completion_tokens(http, ModelConfig(url, "m"), []):
+                pass
+
+
+async def session_events(server: RunningServer, session_id: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"{server.url}/v1/stream/sessions/{session_id}")
+        return list(response.json())
+
+
+async def until_event(server: RunningServer, session_id: str, kind: str) -> None:
+    """Long-poll the session until an event of ``kind`` is in it (bounded by the caller)."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        offset = "-1"
+        url = f"{server.url}/v1/stream/sessions/{session_id}"
+        while True:
+            response = await http.get(url, params={"offset": offset, "live": "long-poll"})
+            offset = response.headers["Stream-Next-Offset"]
+            if response.status_code == 200 and any(e["type"] == kind for e in response.json()):
+                return
+
+
+async def start_model_agent(server: RunningServer, url: str, session_id: str) -> asyncio.Task[None]:
+    config = ModelConfig(url, "m")
+    http = httpx.AsyncClient()
+
+    async def answer(agent: Agent, turn: IncomingTurn) -> None:
+        await model_answer(agent, turn, http, config)
+
+    return asyncio.create_task(
+        run_agent(server.url, session_id, Author.agent("gpt", "Model"), answer, MemoryOffsetStore())
+    )
+
+
+async def test_the_model_agent_streams_a_reply_into_the_session() -> None:
+    model = FakeModel(["The ", "answer ", "is 42."])
+    async with serve() as server, fake_endpoint(model) as url:
+        async with Session(server.url, "s1", author=Author.user("u", "U")) as user:
+            await user.create()
+            agent = await start_model_agent(server, url, "s1")
+            await user.send_message("What is it?")
+            async with asyncio.timeout(10):
+                await until_event(server, "s1", "turn_end")
+            agent.cancel()
+        events = await session_events(server, "s1")
+    text = "".join(e["text"] for e in events if e["type"] == "text_delta")
+    assert text == "The answer is 42."
+    assert [e["reason"] for e in events if e["type"] == "turn_end"] == ["complete"]
+    sent = model.requests[0]["json"]["messages"]
+    assert sent[-1] == {"role": "user", "content": "What is it?"}
+
+
+async def test_a_cancel_closes_the_model_stream_and_ends_the_turn_cancelled() -> None:
+    model = FakeModel(["partial ", "text"], hang=True)
+    async with serve() as server, fake_endpoint(model) as url:
+        async with Session(server.url, "s2", author=Author.user("u", "U")) as user:
+            await user.create()
+            agent = await start_model_agent(server, url, "s2")
+            ack = await user.send_message("Go on forever")
+            async with asyncio.timeout(10):
+                await until_event(server, "s2", "text_delta")
+            await user.cancel(ack.event.turn_id)
+            async with asyncio.timeout(10):
+                await model.disconnected.wait()  # the HTTP response to the model was closed
+                await until_event(server, "s2", "turn_end")
+            agent.cancel()
+        events = await session_events(server, "s2")
+    assert [e["reason"] for e in events if e["type"] == "turn_end"] == ["cancelled"]
+    assert "".join(e["text"] for e in events if e["type"] == "text_delta") == "partial text"
+
+
+def test_the_demo_reply_is_deterministic() -> None:
+    assert demo.compose_reply("same question") == demo.compose_reply("same question")
+    assert demo.compose_reply("one") != demo.compose_reply("another")
+
+
+def test_the_launcher_starts_a_server_and_agents_that_outlive_the_terminal(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert ensure_server(url, tmp_path) is True
+        assert healthy(url)
+        assert ensure_server(url, tmp_path) is False  # a second terminal finds it
+        assert ensure_agents(url, tmp_path, []) is True
+        pid = int((tmp_path / f"agents-{port}.pid").read_text())
+        assert ensure_agents(url, tmp_path, []) is False  # one agent host per server
+        # Detached: not in this process's session, so a closing terminal's hangup misses them.
+        assert os.getsid(pid) != os.getsid(0)
+    finally:
+        # Stop exactly what this test started, by the ids the launcher recorded.
+        for name in (f"agents-{port}.pid", f"server-{port}.pid"):
+            with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+                os.kill(int((tmp_path / name).read_text()), signal.SIGTERM)
