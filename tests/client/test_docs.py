@@ -7,8 +7,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 ROOT = DOCS.parent
 DOC_URL = "http://127.0.0.1:4437"
@@ -23,39 +21,63 @@ def test_the_quickstart_has_programs() -> None:
     assert len(python_blocks("sdk-quickstart.md")) >= 5
 
 
-@pytest.mark.parametrize("index", range(len(python_blocks("sdk-quickstart.md"))))
-async def test_quickstart_program_runs(index: int, server_url: str, tmp_path: Path) -> None:
-    original = python_blocks("sdk-quickstart.md")[index]
-    source = original.replace(DOC_URL, server_url)
-    # Each run gets fresh session names, so reruns against one server agree.
-    source = source.replace('"demo"', f'"demo-{tmp_path.name}"')
-    source = source.replace('"chat"', f'"chat-{tmp_path.name}"')
-    source = source.replace('"resume-demo"', f'"resume-{tmp_path.name}"')
-    source = source.replace("quickstart-log", f"log-{tmp_path.name}")
-    script = tmp_path / "program.py"
-    script.write_text(source, encoding="utf-8")
+DRIVER = """
+import sys
+for number, path in enumerate(sys.argv[1:]):
+    print(f"=== program {number}", flush=True)
+    source = open(path, encoding="utf-8").read()
+    exec(compile(source, path, "exec"), {"__name__": "__main__"})
+"""
+
+
+async def test_quickstart_programs_run(server_url: str, tmp_path: Path) -> None:
+    """Each program, as a reader would run it, one after the other in one process."""
+    originals = python_blocks("sdk-quickstart.md")
+    paths = []
+    for index, original in enumerate(originals):
+        source = original.replace(DOC_URL, server_url)
+        # Fresh names, so reruns against one long-lived server agree.
+        run = tmp_path.name
+        for name, fresh in {
+            '"demo"': f'"demo-{run}"',
+            '"chat"': f'"chat-{run}"',
+            '"resume-demo"': f'"resume-{run}"',
+            "quickstart-log": f"log-{run}",
+        }.items():
+            source = source.replace(name, fresh)
+        path = tmp_path / f"program_{index}.py"
+        path.write_text(source, encoding="utf-8")
+        paths.append(str(path))
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER, encoding="utf-8")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(script),
+        str(driver),
+        *paths,
         cwd=tmp_path,
         env={"PYTHONPATH": str(ROOT)},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
     output = out.decode()
     assert proc.returncode == 0, output
-    if "resume-demo" in original:
-        assert "second run handled message 1" in output
-    if "echo this" in original:
-        assert "cancelled" in output
-    if "quickstart-log" in original:
-        assert "line 4" in output
+    sections = output.split("=== program ")[1:]
+    assert len(sections) == len(originals), output
+    for original, section in zip(originals, sections, strict=True):
+        if "resume-demo" in original:
+            assert "second run handled message 1" in section
+        if "echo this" in original:
+            assert "cancelled" in section
+        if "quickstart-log" in original:
+            assert "line 4" in section
+        if "status_changes" in original:
+            assert "connection: connected" in section
 
 
 def test_session_events_example_runs() -> None:
