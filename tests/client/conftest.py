@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import subprocess
@@ -88,22 +87,50 @@ def reference_url() -> Iterator[str]:
         proc.stdout.close()
 
 
-@contextlib.asynccontextmanager
-async def serve_ours() -> AsyncIterator[str]:
-    """Our server (mock_server), in the running event loop; yields its base URL."""
+@pytest.fixture(scope="session")
+def ours_url() -> Iterator[str]:
+    """Our server (mock_server.testing.serve), once for the whole run.
+
+    It runs on its own event loop in a background thread, so one server serves
+    every test (each test uses its own stream names) instead of starting and
+    stopping one per test.
+    """
     try:
         from mock_server.testing import serve
     except ImportError:  # pragma: no cover - the server package is optional here
         pytest.skip("mock_server.testing is not available")
-    async with serve(long_poll_timeout=LONG_POLL_MS / 1000) as running:
-        yield running.url
+    url: list[str] = []
+    started = threading.Event()
+    stop: list[asyncio.Event] = []
+    errors: list[BaseException] = []
+    loop = asyncio.new_event_loop()
 
+    async def run() -> None:
+        stop.append(asyncio.Event())
+        async with serve(long_poll_timeout=LONG_POLL_MS / 1000) as running:
+            url.append(running.url)
+            started.set()
+            await stop[0].wait()
 
-@pytest.fixture
-async def ours_url() -> AsyncIterator[str]:
-    """Our server (mock_server), in this test's event loop."""
-    async with serve_ours() as url:
-        yield url
+    def main() -> None:
+        try:
+            loop.run_until_complete(run())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            started.set()
+            loop.close()
+
+    thread = threading.Thread(target=main, name="mock-server", daemon=True)
+    thread.start()
+    started.wait(timeout=20)
+    if not url:
+        pytest.fail(f"our server did not start: {errors}")
+    try:
+        yield url[0]
+    finally:
+        loop.call_soon_threadsafe(stop[0].set)
+        thread.join(timeout=10)
 
 
 @pytest.fixture(params=["ours", "reference"])
@@ -112,13 +139,10 @@ def server_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def server_url(server_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+def server_url(server_kind: str, request: pytest.FixtureRequest) -> str:
     """A base URL: our server or the Node reference server (parametrized)."""
-    if server_kind == "reference":
-        yield str(request.getfixturevalue("reference_url"))
-        return
-    async with serve_ours() as url:
-        yield url
+    fixture = "reference_url" if server_kind == "reference" else "ours_url"
+    return str(request.getfixturevalue(fixture))
 
 
 @pytest.fixture
