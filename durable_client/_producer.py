@@ -42,14 +42,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ._errors import (
     ClientClosed,
     DurableError,
-    RetryableError,
     SequenceGap,
     StaleEpoch,
-    StreamClosed,
     UsageError,
 )
 from ._protocol import MAX_PRODUCER_NUMBER, PRODUCER_EPOCH, PRODUCER_ID, PRODUCER_SEQ
-from ._retry import Backoff, RetryPolicy
+from ._retry import Backoff, RetryPolicy, retry_call
 
 if TYPE_CHECKING:
     from ._stream import AppendResult
@@ -462,8 +460,20 @@ class IdempotentProducer:
         while True:
             stamp = batch.stamp
             assert stamp is not None
+
+            async def attempt(stamp: ProducerStamp = stamp) -> AppendResult:
+                return await self._sink.send_batch(batch.items, stamp=stamp, close=batch.close)
+
             try:
-                result = await self._sink.send_batch(batch.items, stamp=stamp, close=batch.close)
+                # Retryable failures are retried here (tenacity) with the same
+                # stamp: a batch backing off still counts as in flight, so no
+                # claim can re-stamp it meanwhile.
+                if self.retry is None or backoff is None:
+                    result = await attempt()
+                else:
+                    result = await retry_call(
+                        attempt, self.retry, backoff=backoff, on_retry=self._on_retry
+                    )
             except asyncio.CancelledError:
                 raise
             except SequenceGap as exc:
@@ -490,21 +500,7 @@ class IdempotentProducer:
                 batch.state = _BatchState.PARKED_FENCE
                 self._pump()
                 return
-            except StreamClosed as exc:
-                self._fail_all(exc)
-                return
-            except RetryableError as exc:
-                delay = backoff.failure(exc) if backoff is not None else None
-                if delay is None:
-                    self._fail_all(exc)
-                    return
-                if self._on_retry is not None:
-                    self._on_retry(backoff.failures if backoff else 0, delay, exc)
-                # A batch backing off still counts as in flight, so no claim can
-                # re-stamp it meanwhile: the retry carries the same stamp.
-                await asyncio.sleep(delay)
-                continue
-            except DurableError as exc:
+            except DurableError as exc:  # fatal, or retries exhausted
                 self._fail_all(exc)
                 return
             self._complete(batch, result)

@@ -10,10 +10,13 @@ multiplier ** (n - 1)))``. A ``Retry-After`` from the server is a floor
 to zero after a success, so a connection that worked for an hour and then
 dropped starts again with a short delay.
 
-The policy objects and :class:`Backoff` do no I/O; tenacity runs the loop
-(:func:`retry_call`), with our :class:`Backoff` deciding delays and when to
-give up, so the same numbers drive requests, reconnects and the connection
-state a UI shows ("reconnecting, attempt 3, in 1.2 s").
+The policy objects and :class:`Backoff` do no I/O. tenacity runs the retry
+loop of every request (:func:`retry_call`: stream operations, producer
+batches), with our :class:`Backoff` deciding the delays and when to give up.
+Long-lived readers (``DurableStream.follow``, session subscriptions) consume
+a stream of batches rather than call a function, so they drive the same
+:class:`Backoff` themselves. Either way the same numbers decide the waits and
+the connection state a UI shows ("reconnecting, attempt 3, in 1.2 s").
 """
 
 from __future__ import annotations
