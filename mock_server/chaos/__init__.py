@@ -7,7 +7,9 @@
   project's server (also ``python -m mock_server --chaos``, with an admin endpoint).
 - :func:`check_history`, :class:`HistoryRecorder`: lost, duplicated, reordered
   and unexpected events, offset issues, content hash.
-- :class:`ProtocolReader`, :class:`ProtocolWriter`: reference clients for runs.
+- :class:`ProtocolReader`, :class:`ProtocolWriter`: reference clients for runs;
+  :func:`run_scenario`: one run (writer, reader behind the proxy, plan, verdict).
+- :class:`CrashHarness`: the server as a process, ``kill -9`` and restart.
 
 See docs/chaos.md.
 """
@@ -23,6 +25,7 @@ from .checker import (
     check_history,
     content_hash,
 )
+from .crash import CrashHarness, ServerDidNotStart
 from .plan import (
     AfterBytes,
     AfterEvent,
@@ -55,6 +58,7 @@ from .plan import (
 )
 from .proxy import ChaosProxy, ConnectionStats, ProxyFaultRecord
 from .reader import ProtocolReader, ProtocolWriter, ReaderGaveUp, RetryPolicy, WriterGaveUp
+from .scenario import ScenarioResult, run_scenario
 from .server_faults import ConnectionDropped, ServerFaultRecord, ServerFaults
 
 __all__ = [
@@ -68,6 +72,7 @@ __all__ = [
     "ConnectionDropped",
     "ConnectionStats",
     "Crash",
+    "CrashHarness",
     "Delay",
     "Down",
     "Drop",
@@ -93,7 +98,9 @@ __all__ = [
     "Reset",
     "RetryPolicy",
     "Rule",
+    "ScenarioResult",
     "Seen",
+    "ServerDidNotStart",
     "ServerFaultRecord",
     "ServerFaults",
     "Slicer",
@@ -106,5 +113,6 @@ __all__ = [
     "content_hash",
     "derive_seed",
     "rng_for",
+    "run_scenario",
     "serve_chaos",
 ]

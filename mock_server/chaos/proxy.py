@@ -568,7 +568,7 @@ class ChaosProxy:
             if isinstance(trigger, AfterBytes):
                 link.cuts.append((index, rule))  # armed; counted when it fires
                 continue
-            if isinstance(trigger, OnConnection) and number < trigger.k:
+            if isinstance(trigger, OnConnection) and not trigger.hits(number):
                 continue
             if isinstance(trigger, Probability):
                 draw = self.plan.rng("proxy", index, "connection", number).random()

@@ -362,7 +362,7 @@ class ServerFaults:
         state.seen += 1
         n = state.seen_by_path[req.path] = state.seen_by_path.get(req.path, 0) + 1
         if isinstance(trigger, OnRequest):
-            return state.seen >= trigger.k
+            return trigger.hits(state.seen)
         if isinstance(trigger, OnResume):
             return req.is_resume
         if isinstance(trigger, Probability):
@@ -769,7 +769,9 @@ class _ReadCutter:
         n = self.events_before + len(pieces)
         total = sum(r.count for r in records)
         fault = rule.fault
-        if isinstance(fault, Drop) and fault.how == "end" and pieces and boundary is not None:
+        if keep == 0:
+            boundary = self.position  # ending before the first event: an empty response
+        if isinstance(fault, Drop) and fault.how == "end" and boundary is not None:
             # A complete, shorter response, and the connection closes after it.
             payload = b"[" + b",".join(pieces) + b"]" if self.is_json else b"".join(pieces)
             dropped = {

@@ -7,7 +7,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -137,10 +137,10 @@ async def test_http_error_with_retry_after_changes_nothing(
 
 @pytest.mark.parametrize("how", ["reset", "fin"])
 async def test_drop_before_serving(
-    server: ChaosServer, http: httpx.AsyncClient, how: str, p: str
+    server: ChaosServer, http: httpx.AsyncClient, how: Literal["reset", "fin"], p: str
 ) -> None:
     await fill(http, p, 1)
-    server.set_plan(rules(Rule(trigger=Always(), fault=Drop(how=how), match=Match(method="POST"))))  # type: ignore[arg-type]
+    server.set_plan(rules(Rule(trigger=Always(), fault=Drop(how=how), match=Match(method="POST"))))
     with pytest.raises(httpx.TransportError):
         await http.post(f"{S}/{p}", headers=JSON, content=b'{"id":2}')
     assert (await http.get(f"{S}/{p}?offset=-1")).json() == [{"id": 1}]  # not served
@@ -234,11 +234,15 @@ async def test_lost_ack_on_the_append_that_makes_event_n(
 @pytest.mark.parametrize("n", [0, 1, 5, 9, 10])
 @pytest.mark.parametrize("how", ["reset", "fin", "end"])
 async def test_sse_cut_right_after_event_n(
-    server: ChaosServer, http: httpx.AsyncClient, n: int, how: str, p: str
+    server: ChaosServer,
+    http: httpx.AsyncClient,
+    n: int,
+    how: Literal["reset", "fin", "end"],
+    p: str,
 ) -> None:
     offsets = await fill(http, p, 10)
     await http.post(f"{S}/{p}", headers={"Stream-Closed": "true"})
-    server.set_plan(rules(Rule(trigger=AfterEvent(n=n), fault=Drop(how=how))))  # type: ignore[arg-type]
+    server.set_plan(rules(Rule(trigger=AfterEvent(n=n), fault=Drop(how=how))))
     messages, controls, ended = await sse_read(http, f"{S}/{p}?offset=-1&live=sse")
     if n == 10:  # the last event: the cut lands after it, with its (closing) control
         assert (messages, ended) == ([{"id": i} for i in range(1, 11)], "closed")
