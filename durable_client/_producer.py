@@ -22,7 +22,9 @@ Rules the producer follows, each for a reason:
   server's epoch + 1 and re-stamps every unacknowledged batch from seq 0, in
   the original order. Without it, :class:`StaleEpoch` fails the producer.
 - A restarting producer that owns its id should pass ``epoch=previous + 1``
-  (or use ``auto_claim``): the new epoch fences the old instance.
+  (or use ``auto_claim``): the new epoch fences the old instance. In a
+  running process, :meth:`IdempotentProducer.restart` does the same (and
+  recovers a producer that failed, e.g. after a server lost its state).
 - Retryable errors (transport, timeouts, 429, 5xx) are retried with the same
   stamp per the retry policy; any other error fails the producer: every
   pending append raises it, and so does the next :meth:`flush`.
@@ -226,6 +228,7 @@ class IdempotentProducer:
         self._stamped: list[_Batch] = []  # stamped, not DONE, in seq order
         self._tasks: set[asyncio.Task[None]] = set()
         self._fence: int | None = None
+        self._seen_epoch: int | None = None  # the highest epoch a 403 reported
         self._error: DurableError | None = None
         self._closing = False
         self._closed = False
@@ -371,6 +374,27 @@ class IdempotentProducer:
         self._final = result
         return result
 
+    def restart(self) -> int:
+        """Start a new epoch in place, as a restarted producer would: seq back
+        to 0, past any epoch a 403 reported, so older instances are fenced.
+
+        Clears a failure (``error``) so appends work again. Appends that failed
+        stay failed; append them again if they must land (if one did land
+        before its failure was reported, it lands twice: exactly-once holds
+        within an epoch). Returns the new epoch. Raises :class:`UsageError` if
+        batches are still queued or on the wire (flush first).
+        """
+        if self._closing or self._closed:
+            raise ClientClosed("the producer is closed", url=self._sink.url)
+        if self._queue or self._stamped or (self._open is not None and self._open.items):
+            raise UsageError("restart() needs an idle producer: flush() first")
+        fenced_by = self._seen_epoch
+        epoch = self._state.restart()
+        if fenced_by is not None and fenced_by >= epoch:
+            epoch = self._state.claim(fenced_by)
+        self._error = None
+        return epoch
+
     async def detach(self) -> None:
         """Flush and stop, leaving the stream open. Idempotent."""
         if self._closed:
@@ -493,10 +517,13 @@ class IdempotentProducer:
                     return
                 continue
             except StaleEpoch as exc:
+                if exc.current_epoch is not None:
+                    self._seen_epoch = max(self._seen_epoch or 0, exc.current_epoch)
                 if not self._state.auto_claim:
                     self._fail_all(exc)
                     return
                 self._fence = max(self._fence or 0, exc.current_epoch or stamp.epoch)
+                self._seen_epoch = max(self._seen_epoch or 0, self._fence)
                 batch.state = _BatchState.PARKED_FENCE
                 self._pump()
                 return

@@ -314,3 +314,31 @@ def test_invalid_options_are_rejected() -> None:
     ):
         with pytest.raises(ValueError, match="must be"):
             IdempotentProducer(server, "p", **kwargs)  # type: ignore[arg-type]
+
+
+async def test_restart_bumps_the_epoch_past_the_fence_and_recovers() -> None:
+    server = ModelServer()
+    server.producers["p"] = (4, 0)  # a newer instance took over
+    producer = IdempotentProducer(server, "p", epoch=1, linger=0)
+    producer.append(b"zombie")
+    with pytest.raises(StaleEpoch):
+        await producer.flush()
+    assert producer.restart() == 5
+    assert producer.error is None
+    producer.append(b"back")
+    await producer.detach()
+    assert server.log == [b"back"]
+    assert server.producers["p"] == (5, 0)
+
+
+async def test_restart_needs_an_idle_producer() -> None:
+    server = ModelServer()
+    producer = IdempotentProducer(server, "p", linger=10)
+    producer.append(b"queued")
+    with pytest.raises(ValueError, match="flush"):
+        producer.restart()
+    await producer.flush()
+    assert producer.restart() == 1
+    await producer.detach()
+    with pytest.raises(ClientClosed):
+        producer.restart()
