@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -18,6 +19,7 @@ from durable_client import (
     ReconnectPolicy,
     RetryPolicy,
     SequenceConflict,
+    ServerError,
     StreamClosed,
     StreamConflict,
     StreamNotFound,
@@ -335,3 +337,41 @@ async def test_reconnect_policy_is_used_by_follow(server_url: str, stream_name: 
 def test_base64_helper_sanity() -> None:
     # The encoding our SSE decoder expects (RFC 4648, standard alphabet).
     assert base64.b64encode(b"\xff\xfe") == b"//4="
+
+
+async def inject(reference: str, **fault: object) -> None:
+    """Schedule a fault on the Node reference server (its test endpoint)."""
+    async with httpx.AsyncClient() as client:
+        response = await client.post(f"{reference}/_test/inject-error", json=fault)
+        response.raise_for_status()
+
+
+async def test_retry_after_is_honoured(reference_url: str, stream_name: str) -> None:
+    async with stream_at(reference_url, stream_name) as stream:
+        await stream.create(content_type="text/plain")
+        await stream.append("ok")
+        await inject(
+            reference_url, path=f"/v1/stream/{stream_name}", status=503, retryAfter=0.3, count=1
+        )
+        started = time.monotonic()
+        batch = await stream.read()
+        assert batch.data == b"ok"
+        # FAST's own delays are at most 0.05 s: the wait came from Retry-After.
+        assert time.monotonic() - started >= 0.3
+
+
+async def test_rate_limit_and_dropped_connections_are_retried(
+    reference_url: str, stream_name: str
+) -> None:
+    async with stream_at(reference_url, stream_name) as stream:
+        await stream.create(content_type="text/plain")
+        path = f"/v1/stream/{stream_name}"
+        await inject(reference_url, path=path, status=429, count=1, method="POST")
+        await stream.append("after 429")  # a plain append: 429 proves nothing was written
+        await inject(reference_url, path=path, dropConnection=True, count=2, method="GET")
+        assert (await stream.read()).data == b"after 429"
+        await inject(reference_url, path=path, status=500, count=20, method="GET")
+        with pytest.raises(ServerError):
+            await stream.read()  # retries are capped: the error surfaces
+        async with httpx.AsyncClient() as client:
+            await client.delete(f"{reference_url}/_test/inject-error")
