@@ -53,3 +53,25 @@ async def upstream() -> AsyncIterator[Upstream]:
     async with server:
         yield up
         server.close()
+
+
+def _plugin_registered() -> bool:
+    """Whether pytest loads the chaos plugin by itself (its pytest11 entry point)."""
+    from importlib.metadata import entry_points
+
+    return any(
+        ep.value.startswith("mock_server.chaos.pytest_plugin")
+        for ep in entry_points(group="pytest11")
+    )
+
+
+if not _plugin_registered():
+    # Until the entry point is installed, use the plugin's fixtures and report hook here.
+    from mock_server.chaos.pytest_plugin import (  # noqa: F401
+        chaos_proxy,
+        chaos_seed,
+        chaos_server,
+        chaos_server_factory,
+        history_checker,
+        pytest_runtest_makereport,
+    )
