@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -609,7 +610,7 @@ class DurableStream:
         *,
         cursor: str | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[ReadBatch]:
+    ) -> AsyncGenerator[ReadBatch, None]:
         """One SSE connection, no retry: a batch per control event, until the
         server ends the response. The last batch has ``closed=True`` if the
         stream closed; a response that simply ends means "reconnect from the
@@ -750,13 +751,18 @@ class DurableStream:
                 else:  # sse
                     got_any = False
                     try:
-                        async for batch in self.sse(offset, cursor=cursor, headers=headers):
-                            got_any = True
-                            backoff.reset()
-                            offset, cursor = batch.offset, batch.cursor or cursor
-                            yield batch
-                            if batch.closed:
-                                return
+                        # aclosing: the connection is released even if our
+                        # consumer stops in the middle of it.
+                        async with contextlib.aclosing(
+                            self.sse(offset, cursor=cursor, headers=headers)
+                        ) as events:
+                            async for batch in events:
+                                got_any = True
+                                backoff.reset()
+                                offset, cursor = batch.offset, batch.cursor or cursor
+                                yield batch
+                                if batch.closed:
+                                    return
                     except (BadRequest, UnexpectedStatus):
                         if live != "auto" or got_any:
                             raise

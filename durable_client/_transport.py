@@ -19,6 +19,7 @@ same protocol on one socket.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -109,18 +110,21 @@ class HttpTransport:
         if self.live == "sse":
             got_any = False
             try:
-                async for batch in self.stream.sse(offset, cursor=self._cursor):
-                    got_any = True
-                    self._cursor = batch.cursor or self._cursor
-                    yield TransportBatch(
-                        batch.messages,
-                        batch.start_offset,
-                        batch.offset,
-                        batch.up_to_date,
-                        batch.closed,
-                    )
-                    if batch.closed:
-                        return
+                async with contextlib.aclosing(
+                    self.stream.sse(offset, cursor=self._cursor)
+                ) as events:
+                    async for batch in events:
+                        got_any = True
+                        self._cursor = batch.cursor or self._cursor
+                        yield TransportBatch(
+                            batch.messages,
+                            batch.start_offset,
+                            batch.offset,
+                            batch.up_to_date,
+                            batch.closed,
+                        )
+                        if batch.closed:
+                            return
                 return
             except (BadRequest, UnexpectedStatus):
                 if got_any:
