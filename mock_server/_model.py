@@ -28,6 +28,21 @@ class ProducerState:
     epoch: int
     last_seq: int
     updated_at: float
+    # Where the producer's recent requests landed (seq -> end position), so a
+    # retried request learns the offset of the original, not just the tail.
+    landed: dict[int, int] = field(default_factory=dict)
+
+    LANDED_KEPT = 64
+
+    def with_landed(self, seq: int, end: int, previous: ProducerState | None) -> ProducerState:
+        kept = (
+            dict(previous.landed) if previous is not None and previous.epoch == self.epoch else {}
+        )
+        kept[seq] = end
+        if len(kept) > self.LANDED_KEPT:
+            for old in sorted(kept)[: len(kept) - self.LANDED_KEPT]:
+                del kept[old]
+        return ProducerState(self.epoch, self.last_seq, self.updated_at, kept)
 
 
 @dataclass(slots=True)

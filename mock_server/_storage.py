@@ -129,10 +129,14 @@ class SqliteStorage:
                 epoch INTEGER NOT NULL,
                 last_seq INTEGER NOT NULL,
                 updated_at REAL NOT NULL,
+                landed TEXT NOT NULL DEFAULT '{}',
                 PRIMARY KEY (path, producer_id)
             ) WITHOUT ROWID;
             """
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(producers)")}
+        if "landed" not in columns:  # a database from before the column existed
+            self._db.execute("ALTER TABLE producers ADD COLUMN landed TEXT NOT NULL DEFAULT '{}'")
 
     def load(self) -> list[StreamState]:
         states: dict[str, StreamState] = {}
@@ -153,12 +157,13 @@ class SqliteStorage:
             if owner is not None:
                 owner.records.append(Record(end, bytes(data), count))
                 owner.ends.append(end)
-        for path, producer_id, epoch, last_seq, updated_at in self._db.execute(
-            "SELECT path, producer_id, epoch, last_seq, updated_at FROM producers"
+        for path, producer_id, epoch, last_seq, updated_at, landed in self._db.execute(
+            "SELECT path, producer_id, epoch, last_seq, updated_at, landed FROM producers"
         ):
             owner = states.get(path)
             if owner is not None:
-                owner.producers[producer_id] = ProducerState(epoch, last_seq, updated_at)
+                positions = {int(seq): end for seq, end in json.loads(landed).items()}
+                owner.producers[producer_id] = ProducerState(epoch, last_seq, updated_at, positions)
         return list(states.values())
 
     def commit(
@@ -183,11 +188,18 @@ class SqliteStorage:
             if producer is not None:
                 producer_id, ps = producer
                 db.execute(
-                    "INSERT INTO producers (path, producer_id, epoch, last_seq, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(path, producer_id) DO UPDATE SET "
+                    "INSERT INTO producers (path, producer_id, epoch, last_seq, updated_at, landed)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(path, producer_id) DO UPDATE SET "
                     "epoch = excluded.epoch, last_seq = excluded.last_seq, "
-                    "updated_at = excluded.updated_at",
-                    (state.path, producer_id, ps.epoch, ps.last_seq, ps.updated_at),
+                    "updated_at = excluded.updated_at, landed = excluded.landed",
+                    (
+                        state.path,
+                        producer_id,
+                        ps.epoch,
+                        ps.last_seq,
+                        ps.updated_at,
+                        json.dumps(ps.landed),
+                    ),
                 )
             db.execute("COMMIT")
         except BaseException:

@@ -346,9 +346,7 @@ class StreamStore:
             )
         proposed = self._validate_producer(state, producer) if producer is not None else None
         if producer is not None and proposed is None:
-            return AppendResult(
-                204, state.tail_offset, state.closed, self._echo(state, producer), duplicate=True
-            )
+            return self._duplicate(state, producer)
         if (
             req.stream_seq is not None
             and state.stream_seq is not None
@@ -364,7 +362,12 @@ class StreamStore:
             changes["closed"] = True
             if producer is not None:
                 changes["closed_by"] = (producer.id, producer.epoch, producer.seq)
-        producer_row = (producer.id, proposed) if producer is not None and proposed else None
+        producer_row = None
+        if producer is not None and proposed is not None:
+            landed = proposed.with_landed(
+                producer.seq, record.end, state.producers.get(producer.id)
+            )
+            producer_row = (producer.id, landed)
         self._commit(state, [record], producer_row, **changes)
         self._notify(path)
         return AppendResult(
@@ -383,13 +386,14 @@ class StreamStore:
             raise self._closed_error(state)
         proposed = self._validate_producer(state, producer)
         if proposed is None:
-            return AppendResult(
-                204, state.tail_offset, False, self._echo(state, producer), duplicate=True
-            )
+            return self._duplicate(state, producer)
         self._commit(
             state,
             (),
-            (producer.id, proposed),
+            (
+                producer.id,
+                proposed.with_landed(producer.seq, state.tail, state.producers.get(producer.id)),
+            ),
             closed=True,
             closed_by=(producer.id, producer.epoch, producer.seq),
         )
@@ -405,9 +409,16 @@ class StreamStore:
         )
 
     @staticmethod
-    def _echo(state: StreamState, producer: Producer) -> Producer:
+    def _duplicate(state: StreamState, producer: Producer) -> AppendResult:
+        """A retry of an accepted request: nothing is written; say where the original landed.
+
+        The offset is exact for the producer's last 64 requests (the tail for older ones).
+        """
         current = state.producers[producer.id]
-        return Producer(producer.id, producer.epoch, current.last_seq)
+        end = current.landed.get(producer.seq)
+        offset = format_offset(end) if end is not None else state.tail_offset
+        echo = Producer(producer.id, producer.epoch, current.last_seq)
+        return AppendResult(204, offset, state.closed, echo, duplicate=True)
 
     def _validate_producer(self, state: StreamState, producer: Producer) -> ProducerState | None:
         """The producer state this request would commit; None for a duplicate.

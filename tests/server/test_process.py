@@ -61,6 +61,7 @@ def producer(epoch: int, seq: int) -> dict[str, str]:
 async def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
     data_dir = str(tmp_path / "data")
     acknowledged: list[int] = []
+    offsets: dict[int, str] = {}
     async with (
         server_process("--data-dir", data_dir) as (process, url),
         httpx.AsyncClient(base_url=url) as http,
@@ -72,6 +73,7 @@ async def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
             response = await http.post(f"{S}/log", headers=producer(1, seq), content=str(seq))
             assert response.status_code == 200
             acknowledged.append(seq)
+            offsets[seq] = response.headers["Stream-Next-Offset"]
         # Writes in flight when the process dies may or may not land; none may be torn.
         in_flight = [
             asyncio.create_task(
@@ -99,6 +101,9 @@ async def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
         # Producer state survived: the last seq is a duplicate, the next is accepted.
         duplicate = await http.post(f"{S}/log", headers=producer(1, last), content=b"0")
         assert duplicate.status_code == 204
+        # Where a recent request landed survives the restart too (at most 20 came after 199).
+        original = await http.post(f"{S}/log", headers=producer(1, 199), content=b"0")
+        assert original.headers["Stream-Next-Offset"] == offsets[199]
         stale = await http.post(f"{S}/log", headers=producer(0, 0), content=b"0")
         assert stale.status_code == 403
         following = await http.post(f"{S}/log", headers=producer(1, last + 1), content=b"-1")

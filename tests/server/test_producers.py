@@ -147,3 +147,14 @@ async def test_close_only_with_producer_participates_in_sequencing(
     assert retry.headers["Stream-Closed"] == "true"
     stranger = {**close, "Producer-Id": "z", "Producer-Seq": "0"}
     assert (await http.post(stream, headers=stranger)).status_code == 409
+
+
+async def test_a_duplicate_reports_where_the_original_landed(
+    http: httpx.AsyncClient, stream: str
+) -> None:
+    first = await http.post(stream, headers=producer("w", 0, 0), content=b"1")
+    await http.post(stream, headers=producer("w", 0, 1), content=b"2")
+    await http.post(stream, headers=producer("other", 0, 0), content=b"3")
+    retry = await http.post(stream, headers=producer("w", 0, 0), content=b"1")
+    assert retry.status_code == 204
+    assert retry.headers["Stream-Next-Offset"] == first.headers["Stream-Next-Offset"]
