@@ -83,7 +83,12 @@ class ScenarioResult:
         if self.report is not None:
             lines.append(str(self.report))
         lines.append(self.plan.describe())
-        lines.append(f"replay: FaultPlan.random({self.plan.seed}) / --seed {self.plan.seed}")
+        if self.plan.name == f"random-{self.plan.seed}":
+            lines.append(
+                f"replay: FaultPlan.random({self.plan.seed}, events={self.events})"
+                f" (python -m mock_server.chaos plan --random {self.plan.seed}"
+                f" --events {self.events})"
+            )
         if self.faults:
             lines.append("faults applied:")
             lines.extend(f"  {fault}" for fault in self.faults)

@@ -464,3 +464,22 @@ async def test_admin_endpoint_is_off_unless_asked_for() -> None:
         httpx.AsyncClient(base_url=server.url) as http,
     ):
         assert (await http.get("/_chaos/plan")).status_code == 404
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="StreamStore.trim(path, 0) drops every record and the tail falls back to"
+    " StreamState.base (0), so the next append's offset goes backwards; trim should"
+    " also move base to the new floor",
+)
+async def test_trimming_everything_keeps_the_tail(
+    server: ChaosServer, http: httpx.AsyncClient, p: str
+) -> None:
+    offsets = await fill(http, p, 3)
+    server.set_plan(
+        rules(Rule(trigger=Always(), fault=Trim(keep_last=0), match=Match(method="HEAD")))
+    )
+    await http.head(f"{S}/{p}")
+    server.set_plan(rules())
+    after = await http.post(f"{S}/{p}", headers=JSON, content=b'{"id":4}')
+    assert after.headers["Stream-Next-Offset"] > offsets[-1]
