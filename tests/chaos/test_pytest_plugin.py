@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import httpx
+import pytest
 
 from mock_server.chaos import (
     AfterEvent,
@@ -22,6 +23,7 @@ from mock_server.chaos import (
     Rule,
     derive_seed,
 )
+from mock_server.chaos.pytest_plugin import ProxyFactory, ServerFactory
 from mock_server.chaos.reader import make_event
 
 from .conftest import _plugin_registered
@@ -29,7 +31,7 @@ from .conftest import _plugin_registered
 
 async def test_the_fixtures_work_together(
     chaos_server: ChaosServer,
-    chaos_proxy,  # type: ignore[no-untyped-def]
+    chaos_proxy: ProxyFactory,
     history_checker: HistoryRecorder,
     chaos_seed: int,
 ) -> None:
@@ -54,7 +56,9 @@ async def test_the_fixtures_work_together(
     assert proxy.fired() == 1
 
 
-def test_the_seed_is_derived_from_the_test_id(chaos_seed: int, request) -> None:  # type: ignore[no-untyped-def]
+def test_the_seed_is_derived_from_the_test_id(
+    chaos_seed: int, request: pytest.FixtureRequest
+) -> None:
     assert chaos_seed == derive_seed(0, request.node.nodeid) % 2**32
 
 
@@ -115,7 +119,9 @@ def test_the_seed_option_replays(tmp_path: Path) -> None:
     assert result.returncode == 0
 
 
-async def test_the_server_factory_takes_options(chaos_server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_the_server_factory_takes_options(
+    chaos_server_factory: ServerFactory, tmp_path: Path
+) -> None:
     server = await chaos_server_factory(data_dir=tmp_path / "data")
     async with httpx.AsyncClient(base_url=server.url) as http:
         assert (
