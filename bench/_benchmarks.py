@@ -1,0 +1,1034 @@
+"""The benchmarks. Each takes a :class:`Context` and returns result rows.
+
+Every loop here is bounded in count and in time; every server runs in its own
+process on loopback (see :mod:`bench._procs`); the load generator is this
+process. docs/benchmarks.md explains what each one measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import websockets
+
+from durable_client import (
+    Author,
+    IdempotentProducer,
+    Session,
+)
+
+from ._clients import (
+    RECONNECT,
+    create_stream,
+    event,
+    event_bytes,
+    fill,
+    http_client,
+    new_name,
+    read,
+)
+from ._procs import NODE, OURS, Pinning, ServerProcess
+from ._report import RAW_WS, SDK, SESSION, UPSTREAM, Better, Row
+from ._stats import Dist, quantile
+from ._wsclient import WsClient, WsError
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each benchmark does; one preset per mode (smoke, quick, full)."""
+
+    latency_seconds: float  # measured part of each latency case
+    latency_warmup: float  # seconds of events at the start that are not counted
+    single_rate: float  # events/s of the one-session case
+    many_sessions: int
+    many_rate: float  # events/s of each session in the many-sessions case
+    append_seconds: float
+    producer_events: int
+    ws_append_events: int
+    fanout: tuple[int, ...]
+    fanout_events: int
+    catchup_events: int
+    catchup_runs: int
+    resume_trials: int
+    storm_clients: int
+    memory_subscribers: int
+    memory_events: int
+    settle: float  # seconds for readers to connect or park, and for a server's memory to settle
+
+
+SIZES: dict[str, Sizes] = {
+    "full": Sizes(
+        latency_seconds=6.0,
+        latency_warmup=1.0,
+        single_rate=100.0,
+        many_sessions=100,
+        many_rate=5.0,
+        append_seconds=3.0,
+        producer_events=50_000,
+        ws_append_events=20_000,
+        fanout=(1, 10, 100),
+        fanout_events=2_000,
+        catchup_events=100_000,
+        catchup_runs=3,
+        resume_trials=30,
+        storm_clients=300,
+        memory_subscribers=300,
+        memory_events=100_000,
+        settle=1.0,
+    ),
+    "quick": Sizes(
+        latency_seconds=1.5,
+        latency_warmup=0.5,
+        single_rate=100.0,
+        many_sessions=20,
+        many_rate=5.0,
+        append_seconds=1.0,
+        producer_events=10_000,
+        ws_append_events=5_000,
+        fanout=(1, 10, 100),
+        fanout_events=200,
+        catchup_events=10_000,
+        catchup_runs=2,
+        resume_trials=5,
+        storm_clients=50,
+        memory_subscribers=50,
+        memory_events=10_000,
+        settle=0.5,
+    ),
+    "smoke": Sizes(
+        latency_seconds=0.25,
+        latency_warmup=0.1,
+        single_rate=40.0,
+        many_sessions=2,
+        many_rate=20.0,
+        append_seconds=0.3,
+        producer_events=500,
+        ws_append_events=300,
+        fanout=(1, 3),
+        fanout_events=30,
+        catchup_events=1_000,
+        catchup_runs=1,
+        resume_trials=2,
+        storm_clients=6,
+        memory_subscribers=5,
+        memory_events=1_000,
+        settle=0.1,
+    ),
+}
+
+
+@dataclass
+class Context:
+    """What every benchmark needs: the running servers, the sizes, what is missing."""
+
+    sizes: Sizes
+    servers: dict[str, ServerProcess]
+    pinning: Pinning
+    upstream: bool  # the upstream Python client is installed
+    skipped: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    verbose: bool = True
+
+    def url(self, server: str) -> str:
+        return self.servers[server].url
+
+    @property
+    def server_kinds(self) -> list[str]:
+        return [kind for kind in (OURS, NODE) if kind in self.servers]
+
+    def say(self, text: str) -> None:
+        if self.verbose:
+            print(text, file=sys.stderr, flush=True)
+
+    async def case(self, label: str, run: Callable[[], Awaitable[list[Row]]]) -> list[Row]:
+        """Run one case; a failure is reported and the others go on."""
+        started = time.perf_counter()
+        try:
+            rows = await run()
+        except Exception as exc:
+            message = f"{label}: {type(exc).__name__}: {exc}"
+            self.failures.append(message)
+            self.say(f"  FAILED {message}")
+            return []
+        shown = ", ".join(
+            f"{r.metric} {r.dist.median:.4g} {r.unit}" for r in rows if math.isfinite(r.dist.median)
+        )
+        self.say(f"  {label}: {shown} ({time.perf_counter() - started:.1f} s)")
+        return rows
+
+
+def _row(
+    bench: str,
+    case: str,
+    transport: str,
+    server: str,
+    client: str,
+    metric: str,
+    unit: str,
+    better: Better,
+    dist: Dist,
+    **extra: float | str,
+) -> Row:
+    return Row(bench, case, transport, server, client, metric, unit, better, dist, dict(extra))
+
+
+def _single(value: float) -> Dist:
+    return Dist(value, None, value, value, 1)
+
+
+async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _raise_failed(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+
+
+async def _until_all(
+    events: Sequence[asyncio.Event], tasks: Sequence[asyncio.Task[Any]], timeout: float
+) -> None:
+    """Wait until every event is set; raise at once if one of ``tasks`` fails."""
+    waiter = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in events)))
+    running = set(tasks)
+    try:
+        async with asyncio.timeout(timeout):
+            while not waiter.done():
+                await asyncio.wait({waiter, *running}, return_when=asyncio.FIRST_COMPLETED)
+                _raise_failed(list(running))
+                running = {t for t in running if not t.done()}
+    finally:
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- latency
+
+
+async def _latency_case(
+    ctx: Context, server: str, client: str, transport: str, sessions: int, rate: float
+) -> list[Row]:
+    """Append-to-delivery latency: each session gets ``rate`` events/s (HTTP POST,
+    one event each) and has one live reader; latency is the time from just
+    before the append to the reader receiving the batch with that event."""
+    sizes = ctx.sizes
+    base = ctx.url(server)
+    run = uuid.uuid4().hex[:20]
+    names = [new_name("lat") for _ in range(sessions)]
+    warm = math.ceil(rate * sizes.latency_warmup)
+    total = warm + math.ceil(rate * sizes.latency_seconds)
+    sent: list[list[float]] = [[] for _ in names]
+    received = [0] * sessions
+    samples: list[float] = []
+    all_in = [asyncio.Event() for _ in names]
+    async with http_client(sessions + 8) as writer_http, http_client(sessions + 8) as reader_http:
+        streams = await asyncio.gather(*(create_stream(base, n, writer_http) for n in names))
+
+        async def reader(k: int) -> None:
+            got = sent[k]
+            async for messages in read(client, transport, base, names[k], reader_http):
+                now = time.perf_counter()
+                for message in messages:
+                    index = message["index"]
+                    if index >= warm:
+                        samples.append(now - got[index])
+                received[k] += len(messages)
+                if received[k] >= total:
+                    all_in[k].set()
+
+        async def writer(k: int) -> None:
+            loop = asyncio.get_running_loop()
+            # Sessions start at evenly spread phases, as independent agents would.
+            start = loop.time() + (k / sessions) / rate
+            for i in range(total):
+                delay = start + i / rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                body = event_bytes(i, run)
+                sent[k].append(time.perf_counter())
+                await streams[k].append(body)
+
+        readers = [asyncio.create_task(reader(k)) for k in range(sessions)]
+        try:
+            # Let the readers connect; the warm-up covers the rest.
+            await asyncio.sleep(min(0.2, sizes.settle))
+            _raise_failed(readers)
+            async with asyncio.timeout(sizes.latency_warmup + sizes.latency_seconds + 30):
+                await asyncio.gather(*(writer(k) for k in range(sessions)))
+            await _until_all(all_in, readers, 15)
+        finally:
+            await _cancel(readers)
+    label = "1 session" if sessions == 1 else f"{sessions} sessions"
+    case = f"{label} @ {rate:g} ev/s each"
+    return [
+        _row(
+            "latency",
+            case,
+            transport,
+            server,
+            client,
+            "append-to-delivery",
+            "ms",
+            "lower",
+            Dist.of(samples, scale=1000),
+        )
+    ]
+
+
+def _readers_for(ctx: Context, server: str) -> list[tuple[str, str]]:
+    """(client, transport) pairs that read live from ``server``."""
+    pairs = [(SDK, "sse"), (SDK, "long-poll")]
+    if server == OURS:
+        pairs.insert(0, (RAW_WS, "ws"))
+    if ctx.upstream:
+        pairs += [(UPSTREAM, "sse"), (UPSTREAM, "long-poll")]
+    return pairs
+
+
+async def bench_latency(ctx: Context) -> list[Row]:
+    rows: list[Row] = []
+    sizes = ctx.sizes
+    for sessions, rate in ((1, sizes.single_rate), (sizes.many_sessions, sizes.many_rate)):
+        for server in ctx.server_kinds:
+            for client, transport in _readers_for(ctx, server):
+                if sessions > 1 and client == UPSTREAM:
+                    continue  # the client comparison is the one-session case
+
+                async def case(
+                    server: str = server,
+                    client: str = client,
+                    transport: str = transport,
+                    sessions: int = sessions,
+                    rate: float = rate,
+                ) -> list[Row]:
+                    return await _latency_case(ctx, server, client, transport, sessions, rate)
+
+                rows += await ctx.case(
+                    f"latency {sessions}x{rate:g}/s {transport} {server} {client}", case
+                )
+    return rows
+
+
+# --------------------------------------------------------------------------- appends
+
+
+async def _append_sequential(ctx: Context, server: str) -> list[Row]:
+    """One append at a time (HTTP POST, one event each) for a fixed time."""
+    base = ctx.url(server)
+    run = uuid.uuid4().hex[:20]
+    async with http_client(4) as http:
+        stream = await create_stream(base, new_name("seq"), http)
+        for i in range(50):  # warm-up: connections, caches
+            await stream.append(event_bytes(i, run))
+        rtts: list[float] = []
+        started = time.perf_counter()
+        deadline = started + ctx.sizes.append_seconds
+        while time.perf_counter() < deadline and len(rtts) < 1_000_000:
+            body = event_bytes(len(rtts), run)
+            t = time.perf_counter()
+            await stream.append(body)
+            rtts.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - started
+    return [
+        _row(
+            "append",
+            "one at a time",
+            "http",
+            server,
+            SDK,
+            "append round trip",
+            "ms",
+            "lower",
+            Dist.of(rtts, scale=1000),
+        ),
+        _row(
+            "append",
+            "one at a time",
+            "http",
+            server,
+            SDK,
+            "appended",
+            "ev/s",
+            "higher",
+            _single(len(rtts) / elapsed),
+        ),
+    ]
+
+
+async def _append_producer(ctx: Context, server: str) -> list[Row]:
+    """The SDK's IdempotentProducer (batched, pipelined): events arrive 50 at a
+    time as fast as the producer takes them; the rate counts until all are
+    acknowledged."""
+    base = ctx.url(server)
+    run = uuid.uuid4().hex[:20]
+    total = ctx.sizes.producer_events
+    async with http_client(8) as http:
+        stream = await create_stream(base, new_name("prod"), http)
+        async with IdempotentProducer(stream, f"bench-{run}", linger=0.0) as producer:
+            for i in range(100):
+                producer.append(event_bytes(i, run))
+            await producer.flush()
+            started = time.perf_counter()
+            async with asyncio.timeout(120):
+                pending: list[asyncio.Future[Any]] = []
+                for chunk in range(0, total, 50):
+                    for i in range(chunk, min(total, chunk + 50)):
+                        last = producer.append(event_bytes(i, run))
+                    pending.append(last)
+                    if len(pending) > 40:  # keep at most ~2000 events queued
+                        await pending.pop(0)
+                    else:
+                        await asyncio.sleep(0)
+                await producer.flush()
+            elapsed = time.perf_counter() - started
+    return [
+        _row(
+            "append",
+            "batched producer",
+            "http",
+            server,
+            SDK,
+            "appended",
+            "ev/s",
+            "higher",
+            _single(total / elapsed),
+        )
+    ]
+
+
+async def _append_ws(ctx: Context) -> list[Row]:
+    """Appends over our WebSocket: one at a time (round trip), then pipelined
+    with 64 in flight (one event per frame)."""
+    base = ctx.url(OURS)
+    run = uuid.uuid4().hex[:20]
+    name = new_name("wsapp")
+    async with http_client(2) as http:
+        await create_stream(base, name, http)
+    async with WsClient(base) as ws:
+        for i in range(50):
+            await ws.append(name, event(i, run))
+        rtts: list[float] = []
+        started = time.perf_counter()
+        deadline = started + ctx.sizes.append_seconds
+        while time.perf_counter() < deadline and len(rtts) < 1_000_000:
+            data = event(len(rtts), run)
+            t = time.perf_counter()
+            await ws.append(name, data)
+            rtts.append(time.perf_counter() - t)
+        sequential = len(rtts) / (time.perf_counter() - started)
+        total = ctx.sizes.ws_append_events
+        window = asyncio.Semaphore(64)
+        futures: list[asyncio.Future[dict[str, Any]]] = []
+        started = time.perf_counter()
+        async with asyncio.timeout(120):
+            for i in range(total):
+                await window.acquire()
+                future = ws.append_nowait(name, event(i, run))
+                future.add_done_callback(lambda _: window.release())
+                futures.append(future)
+            acks = await asyncio.gather(*futures)
+        elapsed = time.perf_counter() - started
+        refused = [a for a in acks if a.get("type") != "ack"]
+        if refused:
+            raise WsError(f"{len(refused)} appends refused: {refused[0]}")
+    return [
+        _row(
+            "append",
+            "one at a time",
+            "ws",
+            OURS,
+            RAW_WS,
+            "append round trip",
+            "ms",
+            "lower",
+            Dist.of(rtts, scale=1000),
+        ),
+        _row(
+            "append",
+            "one at a time",
+            "ws",
+            OURS,
+            RAW_WS,
+            "appended",
+            "ev/s",
+            "higher",
+            _single(sequential),
+        ),
+        _row(
+            "append",
+            "pipelined, 64 in flight",
+            "ws",
+            OURS,
+            RAW_WS,
+            "appended",
+            "ev/s",
+            "higher",
+            _single(total / elapsed),
+        ),
+    ]
+
+
+async def bench_append(ctx: Context) -> list[Row]:
+    rows: list[Row] = []
+    for server in ctx.server_kinds:
+
+        async def sequential(server: str = server) -> list[Row]:
+            return await _append_sequential(ctx, server)
+
+        async def producer(server: str = server) -> list[Row]:
+            return await _append_producer(ctx, server)
+
+        rows += await ctx.case(f"append one-at-a-time http {server}", sequential)
+        rows += await ctx.case(f"append producer http {server}", producer)
+    if OURS in ctx.servers:
+
+        async def ws() -> list[Row]:
+            return await _append_ws(ctx)
+
+        rows += await ctx.case("append ws ours", ws)
+    return rows
+
+
+# --------------------------------------------------------------------------- fan-out
+
+
+async def _fanout_case(
+    ctx: Context, server: str, client: str, transport: str, subscribers: int
+) -> list[Row]:
+    """``subscribers`` live readers on one session; a producer appends the
+    events as fast as it can; the rate is deliveries (events x readers) over
+    the time from the first append until the last reader has them all."""
+    base = ctx.url(server)
+    run = uuid.uuid4().hex[:20]
+    total = ctx.sizes.fanout_events
+    name = new_name("fan")
+    counts = [0] * subscribers
+    ready = [asyncio.Event() for _ in range(subscribers)]
+    done = [asyncio.Event() for _ in range(subscribers)]
+    async with http_client(8) as writer_http, http_client(subscribers + 8) as reader_http:
+        stream = await create_stream(base, name, writer_http)
+
+        async def reader(k: int) -> None:
+            async for messages in read(client, transport, base, name, reader_http):
+                ready[k].set()
+                counts[k] += len(messages)
+                if counts[k] >= total:
+                    done[k].set()
+
+        readers = [asyncio.create_task(reader(k)) for k in range(subscribers)]
+        try:
+            await _until_all(ready, readers, 30)
+            started = time.perf_counter()
+            async with IdempotentProducer(stream, f"bench-{run}", linger=0.0) as producer:
+                async with asyncio.timeout(120):
+                    pending: list[asyncio.Future[Any]] = []
+                    for chunk in range(0, total, 10):
+                        for i in range(chunk, min(total, chunk + 10)):
+                            last = producer.append(event_bytes(i, run))
+                        pending.append(last)
+                        if len(pending) > 20:
+                            await pending.pop(0)
+                        else:
+                            await asyncio.sleep(0)
+                    await producer.flush()
+                appended = time.perf_counter() - started
+            await _until_all(done, readers, 120)
+            elapsed = time.perf_counter() - started
+        finally:
+            await _cancel(readers)
+    return [
+        _row(
+            "fan-out",
+            f"{subscribers} subscriber{'s' if subscribers > 1 else ''}",
+            transport,
+            server,
+            client,
+            "delivered",
+            "ev/s",
+            "higher",
+            _single(subscribers * total / elapsed),
+            **{"appended ev/s": total / appended},
+        )
+    ]
+
+
+async def bench_fanout(ctx: Context) -> list[Row]:
+    rows: list[Row] = []
+    for subscribers in ctx.sizes.fanout:
+        for server in ctx.server_kinds:
+            pairs = [(SDK, "sse")]
+            if server == OURS:
+                pairs.insert(0, (RAW_WS, "ws"))
+            for client, transport in pairs:
+
+                async def case(
+                    server: str = server,
+                    client: str = client,
+                    transport: str = transport,
+                    subscribers: int = subscribers,
+                ) -> list[Row]:
+                    return await _fanout_case(ctx, server, client, transport, subscribers)
+
+                rows += await ctx.case(f"fan-out {subscribers} {transport} {server} {client}", case)
+    return rows
+
+
+# --------------------------------------------------------------------------- catch-up
+
+
+async def _catchup_read(client: str, transport: str, base: str, name: str, total: int) -> float:
+    """Seconds to read ``total`` events of ``name`` from the beginning."""
+    async with http_client(4) as http:
+        started = time.perf_counter()
+        count = 0
+        async with asyncio.timeout(300):
+            if client == SESSION:
+                session_id = name.removeprefix("sessions/")
+                async with (
+                    Session(base, session_id, author=Author.user("bench"), client=http) as session,
+                    session.subscribe("beginning") as events,
+                ):
+                    async for _ in events:
+                        count += 1
+                        if count >= total:
+                            break
+            else:
+                async for messages in read(client, transport, base, name, http, live=False):
+                    count += len(messages)
+                    if count >= total:
+                        break
+        elapsed = time.perf_counter() - started
+    if count != total:
+        raise RuntimeError(f"{client} read {count} of {total} events")
+    return elapsed
+
+
+async def bench_catchup(ctx: Context) -> list[Row]:
+    """Replay a session of ``catchup_events`` from the start, as fast as each client reads."""
+    rows: list[Row] = []
+    total = ctx.sizes.catchup_events
+    for server in ctx.server_kinds:
+        base = ctx.url(server)
+        name = new_name("catchup")
+        run = uuid.uuid4().hex[:20]
+        async with http_client(2) as http:
+            stream = await create_stream(base, name, http)
+            await fill(stream, total, run)
+        readers = [(SDK, "http"), (SESSION, "http")]
+        if ctx.upstream:
+            readers.append((UPSTREAM, "http"))
+        if server == OURS:
+            readers.append((RAW_WS, "ws"))
+        for client, transport in readers:
+
+            async def case(
+                server: str = server,
+                client: str = client,
+                transport: str = transport,
+                name: str = name,
+            ) -> list[Row]:
+                base = ctx.url(server)
+                await _catchup_read(client, transport, base, name, total)  # warm-up
+                seconds = [
+                    await _catchup_read(client, transport, base, name, total)
+                    for _ in range(ctx.sizes.catchup_runs)
+                ]
+                return [
+                    _row(
+                        "catch-up",
+                        f"{total:,} events from the start",
+                        transport,
+                        server,
+                        client,
+                        "replayed",
+                        "ev/s",
+                        "higher",
+                        Dist.of([total / s for s in seconds]),
+                    )
+                ]
+
+            rows += await ctx.case(f"catch-up {transport} {server} {client}", case)
+    return rows
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@dataclass
+class _Follower:
+    """A live reader that records when each event index arrived and its retry delays."""
+
+    arrivals: dict[int, float] = field(default_factory=dict)
+    delays: list[tuple[float, float]] = field(default_factory=list)  # (when, delay)
+    first: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_retry(self, attempt: int, delay: float, error: BaseException) -> None:
+        self.delays.append((time.perf_counter(), delay))
+
+    def got(self, messages: Sequence[Any]) -> None:
+        now = time.perf_counter()
+        for message in messages:
+            self.arrivals.setdefault(message["index"], now)
+        self.first.set()
+        self.changed.set()
+
+    async def wait_for(self, index: int, timeout: float) -> float:
+        async with asyncio.timeout(timeout):
+            while index not in self.arrivals:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.arrivals[index]
+
+
+async def _follow(
+    follower: _Follower, client: str, transport: str, base: str, name: str, http: Any
+) -> None:
+    """Follow ``name`` until cancelled, resuming after every reset.
+
+    The SDK reader resumes by itself; the raw WebSocket client is resumed here
+    from the offset of its last data frame, with the SDK's reconnect policy.
+    """
+    if client != RAW_WS:
+        async for messages in read(client, transport, base, name, http, on_retry=follower.on_retry):
+            follower.got(messages)
+        return
+    offset = "-1"
+    failures = 0
+    while True:
+        try:
+            async with WsClient(base) as ws:
+                async for frame in ws.subscribe(name, offset):
+                    failures = 0
+                    follower.got(frame.get("messages") or ())
+                    offset = frame["offset"]
+        except (WsError, OSError, websockets.WebSocketException) as exc:
+            failures += 1
+            delay = RECONNECT.delay(failures)
+            follower.on_retry(failures, delay, exc)
+            await asyncio.sleep(delay)
+
+
+async def _resume_case(
+    ctx: Context, server: str, client: str, transport: str, trials: int
+) -> list[Row]:
+    """Reset the reader's connection (a TCP RST from a proxy), append one event
+    straight to the server, and time until the reader has it."""
+    from mock_server.chaos.proxy import ChaosProxy
+
+    base = ctx.url(server)
+    run = uuid.uuid4().hex[:20]
+    name = new_name("resume")
+    resumes: list[float] = []
+    delays: list[float] = []
+    async with (
+        ChaosProxy(base) as proxy,
+        http_client(4) as writer_http,
+        http_client(4) as reader_http,
+    ):
+        stream = await create_stream(base, name, writer_http)
+        follower = _Follower()
+        task = asyncio.create_task(
+            _follow(follower, client, transport, proxy.url, name, reader_http)
+        )
+        try:
+            await stream.append(event_bytes(0, run))
+            await follower.wait_for(0, 10)
+            for k in range(1, trials + 1):
+                # Let the reader park its next live request (long-poll re-polls
+                # after each answer); a benchmark may settle, a test may not.
+                await asyncio.sleep(min(0.1, ctx.sizes.settle))
+                _raise_failed([task])
+                before = len(follower.delays)
+                reset_at = time.perf_counter()
+                proxy.reset_all()
+                await stream.append(event_bytes(k, run))
+                arrived = await follower.wait_for(k, 15)
+                resumes.append(arrived - reset_at)
+                delays.append(sum(d for _, d in follower.delays[before:]))
+        finally:
+            await _cancel([task])
+    return [
+        _row(
+            "resume",
+            "connection reset, then 1 event",
+            transport,
+            server,
+            client,
+            "reset to first missed event",
+            "ms",
+            "lower",
+            Dist.of(resumes, scale=1000),
+            **{
+                "retry delay p50 ms": Dist.of(delays, scale=1000).median,
+                "resume minus delay p50 ms": Dist.of(
+                    [r - d for r, d in zip(resumes, delays, strict=True)], scale=1000
+                ).median,
+            },
+        )
+    ]
+
+
+async def bench_resume(ctx: Context) -> list[Row]:
+    rows: list[Row] = []
+    for server in ctx.server_kinds:
+        pairs = [(SDK, "sse"), (SDK, "long-poll")]
+        if server == OURS:
+            pairs.insert(0, (RAW_WS, "ws"))
+        for client, transport in pairs:
+
+            async def case(
+                server: str = server, client: str = client, transport: str = transport
+            ) -> list[Row]:
+                return await _resume_case(ctx, server, client, transport, ctx.sizes.resume_trials)
+
+            rows += await ctx.case(f"resume {transport} {server} {client}", case)
+    if ctx.upstream:
+        ctx.skipped.append(
+            "resume and storm with the upstream client: durable-streams 0.1.0 does not reconnect "
+            "by itself (only an on_error hook), so there is nothing of its own to time"
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- storm
+
+
+async def _storm_case(
+    ctx: Context, server: str, client: str, transport: str, clients: int
+) -> list[Row]:
+    """``clients`` live readers (10 per session) are all reset at once; one
+    event is appended to every session; how long until each reader has it, and
+    how spread out the reconnects are (when the proxy accepted them)."""
+    from mock_server.chaos.proxy import ChaosProxy
+
+    base = ctx.url(server)
+    run = uuid.uuid4().hex[:20]
+    per_session = 10
+    names = [new_name("storm") for _ in range(max(1, clients // per_session))]
+    async with (
+        ChaosProxy(base) as proxy,
+        http_client(len(names) + 4) as writer_http,
+        http_client(clients + 8) as reader_http,
+    ):
+        streams = await asyncio.gather(*(create_stream(base, n, writer_http) for n in names))
+        followers = [_Follower() for _ in range(clients)]
+        tasks = [
+            asyncio.create_task(
+                _follow(f, client, transport, proxy.url, names[k % len(names)], reader_http)
+            )
+            for k, f in enumerate(followers)
+        ]
+        try:
+            await _until_all([f.first for f in followers], tasks, 60)
+            await asyncio.sleep(min(0.3, ctx.sizes.settle))  # every reader parked
+            _raise_failed(tasks)
+            reset_mono = time.monotonic()
+            reset_at = time.perf_counter()
+            cut = proxy.reset_all()
+            await asyncio.gather(*(s.append(event_bytes(1, run)) for s in streams))
+            arrivals = await asyncio.gather(*(f.wait_for(1, 60) for f in followers))
+        finally:
+            await _cancel(tasks)
+        reconnects = sorted(
+            c.opened_at - reset_mono for c in proxy.connections if c.opened_at >= reset_mono
+        )
+    back = [a - reset_at for a in arrivals]
+    extra: dict[str, float | str] = {
+        "all back ms": max(back) * 1000,
+        "connections cut": float(cut),
+        "reconnects": float(len(reconnects)),
+        # When the reconnects reached the server, from the reset: how spread out.
+        "reconnect p10-p90 ms": (
+            f"{quantile(reconnects, 0.1) * 1000:.0f}-{quantile(reconnects, 0.9) * 1000:.0f}"
+        ),
+        "last reconnect ms": max(reconnects, default=math.nan) * 1000,
+    }
+    return [
+        _row(
+            "storm",
+            f"{clients} clients reset at once",
+            transport,
+            server,
+            client,
+            "back and caught up",
+            "ms",
+            "lower",
+            Dist.of(back, scale=1000),
+            **extra,
+        )
+    ]
+
+
+async def bench_storm(ctx: Context) -> list[Row]:
+    rows: list[Row] = []
+    for server in ctx.server_kinds:
+        pairs = [(SDK, "sse")]
+        if server == OURS:
+            pairs.insert(0, (RAW_WS, "ws"))
+        for client, transport in pairs:
+
+            async def case(
+                server: str = server, client: str = client, transport: str = transport
+            ) -> list[Row]:
+                return await _storm_case(ctx, server, client, transport, ctx.sizes.storm_clients)
+
+            rows += await ctx.case(f"storm {transport} {server} {client}", case)
+    return rows
+
+
+# --------------------------------------------------------------------------- memory
+
+
+async def _settled_rss(server: ServerProcess, seconds: float) -> int:
+    """RSS after ``seconds`` without load (allocators and GC catch up)."""
+    await asyncio.sleep(seconds)
+    return server.rss_bytes()
+
+
+async def _memory_subscribers(
+    ctx: Context, server: ServerProcess, client: str, transport: str
+) -> list[Row]:
+    """RSS of a fresh server before and after ``memory_subscribers`` idle live readers."""
+    count = ctx.sizes.memory_subscribers
+    settle = ctx.sizes.settle
+    async with http_client(count + 8) as http:
+        name = new_name("mem")
+        await create_stream(server.url, name, http)
+        # Two readers first, so that the baseline has the code paths loaded.
+        await _idle_readers(server.url, name, client, transport, http, 2, None, settle)
+        baseline = await _settled_rss(server, settle)
+        after = await _idle_readers(
+            server.url, name, client, transport, http, count, server, settle
+        )
+    return [
+        _row(
+            "memory",
+            "idle live subscriber",
+            transport,
+            server.kind,
+            client,
+            "server memory per subscriber",
+            "KiB",
+            "lower",
+            _single((after - baseline) / count / 1024),
+            **{"subscribers": float(count)},
+        )
+    ]
+
+
+async def _idle_readers(
+    base: str,
+    name: str,
+    client: str,
+    transport: str,
+    http: Any,
+    count: int,
+    server: ServerProcess | None,
+    settle: float,
+) -> int:
+    """Open ``count`` idle readers, measure the server's RSS, close them."""
+    ready = [asyncio.Event() for _ in range(count)]
+
+    async def reader(k: int) -> None:
+        async for _ in read(client, transport, base, name, http):
+            ready[k].set()
+
+    tasks = [asyncio.create_task(reader(k)) for k in range(count)]
+    try:
+        if transport == "long-poll":
+            # A parked long-poll answers nothing until data comes: give them time.
+            await asyncio.sleep(settle)
+        else:
+            await _until_all(ready, tasks, 30)
+        _raise_failed(tasks)
+        return await _settled_rss(server, settle) if server is not None else 0
+    finally:
+        await _cancel(tasks)
+
+
+async def _memory_events(ctx: Context, server: ServerProcess) -> list[Row]:
+    """RSS of a fresh server before and after storing ``memory_events`` events."""
+    count = ctx.sizes.memory_events
+    settle = ctx.sizes.settle
+    run = uuid.uuid4().hex[:20]
+    async with http_client(2) as http:
+        warm = await create_stream(server.url, new_name("memwarm"), http)
+        await fill(warm, 1000, run)
+        baseline = await _settled_rss(server, settle)
+        stream = await create_stream(server.url, new_name("mem"), http)
+        await fill(stream, count, run)
+        after = await _settled_rss(server, settle)
+    payload = len(event_bytes(count // 2, run))
+    return [
+        _row(
+            "memory",
+            "stored event",
+            "http",
+            server.kind,
+            SDK,
+            "server memory per event",
+            "bytes",
+            "lower",
+            _single((after - baseline) / count),
+            **{"event JSON bytes": float(payload), "events": float(count)},
+        )
+    ]
+
+
+async def bench_memory(ctx: Context) -> list[Row]:
+    """Each measurement on a fresh server process of its own (memory freed by an
+    earlier measurement would hide the next one's growth). The processes start
+    together, up front, and each stops right after its measurement."""
+    cases: list[tuple[str, str, str]] = []  # (server kind, client, transport or "events")
+    for kind in ctx.server_kinds:
+        pairs = [(SDK, "sse"), (SDK, "long-poll")]
+        if kind == OURS:
+            pairs.insert(0, (RAW_WS, "ws"))
+        cases += [(kind, client, transport) for client, transport in pairs]
+        cases.append((kind, SDK, "events"))
+    fresh = [ServerProcess(kind, ctx.pinning) for kind, _, _ in cases]
+    stopping: list[asyncio.Future[None]] = []
+    rows: list[Row] = []
+    try:
+        await asyncio.gather(*(asyncio.to_thread(server.start) for server in fresh))
+        for server, (kind, client, transport) in zip(fresh, cases, strict=True):
+
+            async def case(
+                server: ServerProcess = server, client: str = client, transport: str = transport
+            ) -> list[Row]:
+                if transport == "events":
+                    return await _memory_events(ctx, server)
+                return await _memory_subscribers(ctx, server, client, transport)
+
+            rows += await ctx.case(f"memory {transport} {kind}", case)
+            # Stop it in the background: an idle process stopping costs the next
+            # measurement nothing, and waiting for it would.
+            stopping.append(asyncio.ensure_future(asyncio.to_thread(server.stop)))
+    finally:
+        await asyncio.gather(*stopping, return_exceptions=True)
+        await asyncio.gather(*(asyncio.to_thread(server.stop) for server in fresh))
+    return rows
+
+
+BENCHMARKS: dict[str, Callable[[Context], Awaitable[list[Row]]]] = {
+    "latency": bench_latency,
+    "append": bench_append,
+    "fanout": bench_fanout,
+    "catchup": bench_catchup,
+    "resume": bench_resume,
+    "storm": bench_storm,
+    "memory": bench_memory,
+}
+
+__all__ = ["BENCHMARKS", "SIZES", "Context", "Sizes"]

@@ -1,0 +1,134 @@
+"""The clients under test, behind one shape: an async iterator of message lists.
+
+- ``sdk``: our SDK's stream client, ``DurableStream.follow`` (SSE or long-poll);
+- ``upstream``: the upstream Python client, ``durable_streams.astream``;
+- ``raw-ws``: the minimal WebSocket client in :mod:`bench._wsclient`;
+- ``session``: our SDK's ``Session.subscribe`` (catch-up only).
+
+Every reader yields the messages of each batch as it arrives, so the caller
+timestamps deliveries the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import Any, cast
+
+import httpx
+
+from durable_client import DurableStream, ReadBatch, ReconnectPolicy
+
+from ._report import RAW_WS, SDK, UPSTREAM
+from ._wsclient import WsClient
+
+JSON = "application/json"
+AUTHOR = {"id": "bench-agent", "kind": "agent", "name": "bench"}
+
+#: What the SDK uses between reconnects in the benchmarks: its defaults.
+RECONNECT = ReconnectPolicy()
+
+
+def upstream_unavailable() -> str | None:
+    if importlib.util.find_spec("durable_streams") is None:
+        return "the upstream client is not installed (pip install 'durable-sessions[bench]')"
+    return None
+
+
+def new_name(kind: str) -> str:
+    """A fresh stream name; under ``sessions/`` so a ``Session`` can read it too."""
+    return f"sessions/bench-{kind}-{uuid.uuid4().hex[:12]}"
+
+
+def stream_url(base: str, name: str) -> str:
+    return f"{base}/v1/stream/{name}"
+
+
+def event(index: int, run: str, text: str = "token ") -> dict[str, Any]:
+    """A session ``text_delta`` event; ``index`` is how the benchmarks find it again."""
+    return {
+        "type": "text_delta",
+        "event_id": f"{run}{index:012d}",
+        "author": AUTHOR,
+        "turn_id": run,
+        "ts": 1.7e9,
+        "text": text,
+        "index": index,
+    }
+
+
+def event_bytes(index: int, run: str) -> bytes:
+    return json.dumps(event(index, run), separators=(",", ":")).encode()
+
+
+def http_client(connections: int) -> httpx.AsyncClient:
+    """An httpx client with room for ``connections`` connections kept alive."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(30.0, read=120.0),
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+    )
+
+
+async def create_stream(base: str, name: str, http: httpx.AsyncClient) -> DurableStream:
+    stream = DurableStream(stream_url(base, name), client=http, content_type=JSON)
+    await stream.create(content_type=JSON)
+    return stream
+
+
+async def fill(stream: DurableStream, count: int, run: str, *, batch: int = 1000) -> None:
+    """Append events ``0 .. count-1``, ``batch`` per request."""
+    for start in range(0, count, batch):
+        await stream.append_json(*(event(i, run) for i in range(start, min(count, start + batch))))
+
+
+OnRetry = Callable[[int, float, BaseException], None]
+
+
+async def read(
+    client: str,
+    transport: str,
+    base: str,
+    name: str,
+    http: httpx.AsyncClient,
+    *,
+    live: bool = True,
+    offset: str = "-1",
+    on_retry: OnRetry | None = None,
+) -> AsyncIterator[Sequence[Any]]:
+    """Batches of messages of stream ``name`` from ``offset``, as one client reads them.
+
+    ``live=False`` reads up to the tail and stops (a catch-up); otherwise the
+    reader tails until cancelled. The SDK reader reconnects by itself
+    (``on_retry`` is told the delays); the others do not.
+    """
+    url = stream_url(base, name)
+    if client == SDK:
+        stream = DurableStream(url, client=http, content_type=JSON, reconnect=RECONNECT)
+        mode: Any = transport if live else False
+        # follow() is an async generator: close it (and its connection) when we stop.
+        batches = cast(
+            AsyncGenerator[ReadBatch, None], stream.follow(offset, live=mode, on_retry=on_retry)
+        )
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                yield batch.messages
+        return
+    if client == UPSTREAM:
+        from durable_streams import astream
+
+        upstream_live: Any = transport if live else False
+        async with astream(url, offset=offset, live=upstream_live, client=http) as response:
+            async for items in response.iter_json_batches():
+                yield items
+        return
+    if client == RAW_WS:
+        async with WsClient(base) as ws:
+            async for frame in ws.subscribe(name, offset):
+                yield frame.get("messages") or ()
+                if not live and frame.get("up_to_date"):
+                    return
+        return
+    raise ValueError(f"unknown client {client!r}")
