@@ -25,14 +25,17 @@ Everything ``durable_client`` raises on purpose derives from
     │   │   └── StaleEpoch            403 + Producer-Epoch: a newer producer epoch fenced us
     │   ├── PayloadTooLarge           413
     │   ├── UnexpectedStatus          any other status we cannot interpret
-    │   └── ProtocolViolation         the answer breaks the protocol (bad JSON, bad SSE, offsets)
+    │   ├── ProtocolViolation         the answer breaks the protocol (bad JSON, bad SSE, offsets)
+    │   └── PresenceUnavailable       presence needs the WebSocket transport; this one is HTTP
     ├── UsageError                    the caller misused the API (also a ValueError)
     │   └── ClientClosed              used after aclose()
     └── TurnCancelled                 agent side: the turn being answered was cancelled
 
-HTTP and transport exceptions from httpx are mapped at the boundary
-(``raise ... from exc``) and always carry the stream URL, so no httpx
-exception escapes the SDK. Reading a closed stream is *not* an error: every
+HTTP and transport exceptions from httpx and websockets are mapped at the
+boundary (``raise ... from exc``) and always carry the stream URL, so no
+httpx or websockets exception escapes the SDK. A WebSocket ``error`` frame
+carries the HTTP status (and headers) the same request gets over HTTP, and
+maps onto the same classes. Reading a closed stream is *not* an error: every
 read mode ends cleanly at ``Stream-Closed``. Only appends to a closed stream
 raise :class:`StreamClosed`.
 """
@@ -62,6 +65,7 @@ __all__ = [
     "Forbidden",
     "OffsetGone",
     "PayloadTooLarge",
+    "PresenceUnavailable",
     "ProtocolViolation",
     "RateLimited",
     "RequestTimeout",
@@ -279,6 +283,11 @@ class ProtocolViolation(FatalError):
     """The server's answer breaks the protocol: malformed JSON or SSE, missing offsets."""
 
 
+class PresenceUnavailable(FatalError):
+    """Presence needs the WebSocket transport, and this session uses HTTP
+    (the server does not offer WebSocket, or HTTP was chosen)."""
+
+
 # --- usage -------------------------------------------------------------------
 
 
@@ -345,15 +354,26 @@ def error_from_response(
     ``operation`` names what was attempted ("append", "read", ...) for the message.
     ``body`` is the response text (read from ``response`` when omitted).
     """
-    status = response.status_code
-    h = response.headers
-    headers = dict(h)
     if body is None:
         try:
             body = response.text
         except (httpx.ResponseNotRead, UnicodeDecodeError):
             body = ""
-    detail = body.strip()
+    return error_from_status(
+        response.status_code, response.headers, body, url=url, operation=operation
+    )
+
+
+def error_from_status(
+    status: int, headers: Mapping[str, str], detail: str, *, url: str, operation: str
+) -> DurableError:
+    """Map a refusal (an HTTP status, its protocol headers and its text) to the tree.
+
+    Shared by HTTP answers and WebSocket ``error`` frames, which carry the
+    status and headers the same request gets over HTTP.
+    """
+    h = {k.lower(): v for k, v in headers.items()}
+    detail = detail.strip()
     if len(detail) > 200:
         detail = detail[:200] + "..."
     message = f"{operation} failed" + (f": {detail}" if detail else "")
@@ -364,48 +384,48 @@ def error_from_response(
             message,
             url=url,
             status=status,
-            headers=headers,
+            headers=h,
             retry_after=parse_retry_after(h.get("retry-after")),
         )
     if status == 409:
-        if header_true(h.get(STREAM_CLOSED)):
+        if header_true(h.get(STREAM_CLOSED.lower())):
             return StreamClosed(
                 f"{operation} failed: stream is closed",
                 url=url,
                 status=status,
-                headers=headers,
-                final_offset=h.get(STREAM_NEXT_OFFSET),
+                headers=h,
+                final_offset=h.get(STREAM_NEXT_OFFSET.lower()),
             )
-        expected = _parse_int(h.get(PRODUCER_EXPECTED_SEQ))
-        received = _parse_int(h.get(PRODUCER_RECEIVED_SEQ))
+        expected = _parse_int(h.get(PRODUCER_EXPECTED_SEQ.lower()))
+        received = _parse_int(h.get(PRODUCER_RECEIVED_SEQ.lower()))
         if expected is not None or received is not None:
             return SequenceGap(
                 f"{operation} failed: producer sequence gap "
                 f"(expected {expected}, received {received})",
                 url=url,
                 status=status,
-                headers=headers,
+                headers=h,
                 expected_seq=expected,
                 received_seq=received,
             )
         if "seq" in detail.lower():
-            return SequenceConflict(message, url=url, status=status, headers=headers)
-        return StreamConflict(message, url=url, status=status, headers=headers)
+            return SequenceConflict(message, url=url, status=status, headers=h)
+        return StreamConflict(message, url=url, status=status, headers=h)
     if status == 410:
         return OffsetGone(
             f"{operation} failed: offset no longer retained or stream deleted",
             url=url,
             status=status,
-            headers=headers,
+            headers=h,
         )
     if status == 403:
-        epoch = _parse_int(h.get(PRODUCER_EPOCH))
+        epoch = _parse_int(h.get(PRODUCER_EPOCH.lower()))
         if epoch is not None:
             return StaleEpoch(
                 f"{operation} failed: stale producer epoch (server epoch {epoch})",
                 url=url,
                 status=status,
-                headers=headers,
+                headers=h,
                 current_epoch=epoch,
             )
     simple: dict[int, tuple[type[FatalError], str]] = {
@@ -416,7 +436,7 @@ def error_from_response(
         413: (PayloadTooLarge, message),
     }
     fatal_cls, text = simple.get(status, (UnexpectedStatus, f"{message} (unexpected status)"))
-    return fatal_cls(text, url=url, status=status, headers=headers)
+    return fatal_cls(text, url=url, status=status, headers=h)
 
 
 def error_from_httpx(exc: httpx.HTTPError, *, url: str, operation: str) -> DurableError:
