@@ -11,6 +11,10 @@ Two layers, both async:
   get history then live exactly once across disconnects, publishes are
   idempotent and queued while offline, cancel is an explicit event.
 
+A session talks to the server over our WebSocket transport when the server
+offers it (:class:`WebSocketTransport`: one socket, presence included) and
+over HTTP otherwise (:class:`HttpTransport`), with the same guarantees.
+
 Every error is a :class:`DurableError`; see ``docs/errors.md`` for the tree.
 """
 
@@ -67,7 +71,14 @@ from ._events import (
 from ._offsets import FileOffsetStore, MemoryOffsetStore, OffsetStore, Position
 from ._producer import IdempotentProducer, ProducerStamp
 from ._retry import ReconnectPolicy, RetryPolicy
-from ._session import DEFAULT_SESSION_PATH, PublishAck, Session, StartPoint, Subscription
+from ._session import (
+    DEFAULT_SESSION_PATH,
+    PublishAck,
+    Session,
+    StartPoint,
+    Subscription,
+    TransportChoice,
+)
 from ._state import ConnectionState, ConnectionStatus
 from ._stream import (
     AppendResult,
@@ -80,6 +91,8 @@ from ._stream import (
 )
 from ._transcript import Reply, ReplyStatus, Transcript, Turn
 from ._transport import HttpTransport, SessionTransport, TransportBatch
+from ._ws import PresenceChange, WebSocketOptions, WebSocketTransport
+from ._ws_frames import Member
 
 __version__ = "0.1.0"
 
@@ -112,11 +125,13 @@ __all__ = [
     "IdempotentProducer",
     "IncomingTurn",
     "LiveMode",
+    "Member",
     "MemoryOffsetStore",
     "OffsetGone",
     "OffsetStore",
     "PayloadTooLarge",
     "Position",
+    "PresenceChange",
     "PresenceUnavailable",
     "ProducerStamp",
     "Progress",
@@ -149,6 +164,7 @@ __all__ = [
     "TextDelta",
     "Transcript",
     "TransportBatch",
+    "TransportChoice",
     "TransportError",
     "Turn",
     "TurnCancelled",
@@ -159,6 +175,8 @@ __all__ = [
     "UnknownEvent",
     "UsageError",
     "UserMessage",
+    "WebSocketOptions",
+    "WebSocketTransport",
     "__version__",
     "new_id",
     "parse_event",

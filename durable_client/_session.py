@@ -5,7 +5,16 @@ and agents. :meth:`Session.subscribe` gives history then live, exactly once
 and in order, across any number of disconnects; :meth:`Session.publish`
 appends events exactly once, queueing them while the server is unreachable;
 :attr:`Session.status` and :meth:`Session.status_changes` tell a UI how the
-connection is doing.
+connection is doing; :attr:`Session.members`, :meth:`Session.presence_changes`
+and :meth:`Session.set_presence` say who else is here (over WebSocket).
+
+Transports
+----------
+By default a session uses our WebSocket transport when the server offers it
+(one socket for every subscription, publish and presence of the session) and
+falls back to HTTP (SSE, then long-poll) for good when the server refuses the
+handshake; ``transport="websocket"`` or ``"http"`` forces one. Either way the
+session does the same things on top: resume, dedupe, retries.
 
 How a subscription delivers each event exactly once
 ----------------------------------------------------
@@ -39,11 +48,20 @@ from typing import Any, Literal, TypeAlias
 from urllib.parse import quote
 
 import httpx
+from pydantic import ValidationError
 
-from ._errors import ClientClosed, ConnectionLost, DurableError, RetryableError, UsageError
+from ._errors import (
+    ClientClosed,
+    ConnectionLost,
+    DurableError,
+    PresenceUnavailable,
+    RetryableError,
+    UsageError,
+)
 from ._events import (
     AnyEvent,
     Author,
+    AuthorKind,
     Cancel,
     CancelScope,
     Progress,
@@ -55,14 +73,31 @@ from ._events import (
     parse_event,
 )
 from ._offsets import EventIdDeduper, OffsetStore, Position, ResumeTracker
-from ._producer import IdempotentProducer
+from ._producer import IdempotentProducer, ProducerStamp
 from ._protocol import JSON_CONTENT_TYPE, OFFSET_BEGINNING, OFFSET_NOW
 from ._retry import Backoff, ReconnectPolicy, RetryPolicy
 from ._state import ConnectionStatus, StatusFeed
-from ._stream import DurableStream, DynamicValue
+from ._stream import AppendResult, DurableStream, DynamicValue
 from ._transport import HttpTransport, SessionTransport, TransportBatch
+from ._ws import (
+    AutoTransport,
+    PresenceChange,
+    PresenceTransport,
+    WebSocketOptions,
+    WebSocketTransport,
+    stream_name_of,
+    websocket_url_of,
+)
+from ._ws_frames import Member
 
-__all__ = ["DEFAULT_SESSION_PATH", "PublishAck", "Session", "StartPoint", "Subscription"]
+__all__ = [
+    "DEFAULT_SESSION_PATH",
+    "PublishAck",
+    "Session",
+    "StartPoint",
+    "Subscription",
+    "TransportChoice",
+]
 
 #: Where sessions live under the server's base URL.
 DEFAULT_SESSION_PATH = "/v1/stream/sessions/{session_id}"
@@ -70,6 +105,10 @@ DEFAULT_SESSION_PATH = "/v1/stream/sessions/{session_id}"
 #: Where a subscription starts: ``"beginning"``, ``"now"``, a saved
 #: :class:`Position`, or an offset string from an earlier read.
 StartPoint: TypeAlias = Literal["beginning", "now"] | Position | str
+
+#: Which transport a session uses: ``"auto"`` (WebSocket if the server offers
+#: it, else HTTP), ``"websocket"`` or ``"http"``.
+TransportChoice: TypeAlias = Literal["auto", "websocket", "http"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +162,51 @@ async def _aclose_iter(iterator: AsyncIterator[Any]) -> None:
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+class _Link:
+    """A wait on the network that :meth:`Session.drop_connections` may cut.
+
+    Cutting cancels the wait (so an HTTP request or SSE read is abandoned and
+    its connection closed) and raises :class:`ConnectionLost` in its place,
+    which the session retries like any network failure.
+    """
+
+    __slots__ = ("_scope", "_session")
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._scope = asyncio.timeout(None)
+
+    async def __aenter__(self) -> None:
+        await self._scope.__aenter__()
+        self._session._links.add(self._scope)
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._session._links.discard(self._scope)
+        try:
+            await self._scope.__aexit__(exc_type, exc, tb)
+        except TimeoutError as error:
+            raise ConnectionLost(
+                "the connection was dropped (drop_connections)", url=self._session.url
+            ) from error
+
+
+class _DroppableSink:
+    """The session's transport as the producer's sink, with each send cuttable."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    @property
+    def url(self) -> str:
+        return self._session.url
+
+    async def send_batch(
+        self, items: Any, *, stamp: ProducerStamp | None, close: bool = False
+    ) -> AppendResult:
+        async with _Link(self._session):
+            return await self._session._transport.send_batch(items, stamp=stamp, close=close)
 
 
 class Subscription:
@@ -291,7 +375,15 @@ class Subscription:
                     productive = False
                     batches = session._transport.subscribe(tracker.position.offset)
                     try:
-                        async for batch in batches:
+                        while True:
+                            # Only the wait for the next batch may be cut by
+                            # drop_connections(): a batch being handed out is
+                            # already taken by the tracker and must not be lost.
+                            async with _Link(session):
+                                try:
+                                    batch = await anext(batches)
+                                except StopAsyncIteration:
+                                    break
                             if not productive:
                                 productive = True
                                 backoff.reset()
@@ -351,12 +443,16 @@ class Session:
         base_url: the server's base URL, e.g. ``http://127.0.0.1:4437``.
         session_id: the session's name; the stream is at ``path_template``.
         author: who this participant is (every helper signs events with it).
-        transport: a :class:`SessionTransport` to use instead of HTTP.
-        client: an ``httpx.AsyncClient`` for the HTTP transport (one is made if omitted).
+        transport: ``"auto"`` (default: WebSocket when the server offers it,
+            else HTTP), ``"websocket"``, ``"http"``, or a :class:`SessionTransport`
+            instance. ``None`` means ``"auto"``.
+        client: an ``httpx.AsyncClient`` for HTTP requests (one is made if omitted).
         path_template: the stream path under ``base_url`` (``{session_id}`` is filled in).
-        headers: extra headers on every request (values may be functions, e.g.
-            a token provider called before each request).
-        live: ``"sse"`` (default; falls back to long-poll) or ``"long-poll"``.
+        headers: extra headers on every request and WebSocket handshake (values
+            may be functions, e.g. a token provider called before each request).
+        live: how HTTP reads live: ``"sse"`` (falls back to long-poll) or
+            ``"long-poll"``. Giving it asks for HTTP (with ``"auto"``).
+        websocket: keepalive, timeouts and limits of the WebSocket transport.
         retry: retry policy of single requests (create, tail).
         reconnect: how subscriptions reconnect and publishes are retried
             (default: forever, with capped jittered backoff).
@@ -374,11 +470,12 @@ class Session:
         session_id: str,
         *,
         author: Author,
-        transport: SessionTransport | None = None,
+        transport: TransportChoice | SessionTransport | None = "auto",
         client: httpx.AsyncClient | None = None,
         path_template: str = DEFAULT_SESSION_PATH,
         headers: Mapping[str, DynamicValue] | None = None,
-        live: Literal["sse", "long-poll"] = "sse",
+        live: Literal["sse", "long-poll"] | None = None,
+        websocket: WebSocketOptions = WebSocketOptions(),  # noqa: B008 - frozen dataclass
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen dataclass
         reconnect: ReconnectPolicy = ReconnectPolicy(),  # noqa: B008 - frozen dataclass
         producer_id: str | None = None,
@@ -398,6 +495,8 @@ class Session:
         self.reconnect = reconnect
         self._rng = rng
         if transport is None:
+            transport = "auto"
+        if isinstance(transport, str):
             url = base_url.rstrip("/") + path_template.format(session_id=quote(session_id, safe=""))
             stream = DurableStream(
                 url,
@@ -408,7 +507,7 @@ class Session:
                 reconnect=reconnect,
                 rng=rng,
             )
-            transport = HttpTransport(stream, live=live)
+            transport = self._make_transport(transport, stream, base_url, live, websocket)
         self._transport: SessionTransport = transport
         self.url = transport.url
         self._producer_id = producer_id or f"{author.id}-{new_id()[:12]}"
@@ -420,7 +519,42 @@ class Session:
         self._producer_generation = 0
         self._status = StatusFeed(offline_after=getattr(reconnect, "offline_after", 3))
         self._subscriptions: set[Subscription] = set()
+        self._links: set[asyncio.Timeout] = set()
+        self._presence: Member | None = None
         self._closed = False
+
+    def _make_transport(
+        self,
+        choice: str,
+        stream: DurableStream,
+        base_url: str,
+        live: Literal["sse", "long-poll"] | None,
+        options: WebSocketOptions,
+    ) -> SessionTransport:
+        http = HttpTransport(stream, live=live or "sse")
+        if choice == "http" or (choice == "auto" and live is not None):
+            return http
+        if choice not in ("auto", "websocket"):
+            raise UsageError(
+                f"transport must be 'auto', 'websocket', 'http' or a SessionTransport: {choice!r}"
+            )
+        name = stream_name_of(stream.url)
+        if choice == "websocket" and (live is not None or name is None):
+            raise UsageError(
+                "the WebSocket transport reads live on its socket and addresses streams "
+                f"under /v1/stream/ (live={live!r}, stream {stream.url})"
+            )
+        if name is None:
+            return http  # a stream the WebSocket protocol cannot address
+        websocket = WebSocketTransport(
+            stream,
+            ws_url=websocket_url_of(base_url),
+            stream_name=name,
+            options=options,
+            reconnect=self.reconnect,
+            rng=self._rng,
+        )
+        return websocket if choice == "websocket" else AutoTransport(http, websocket)
 
     def __repr__(self) -> str:
         return f"<Session {self.session_id!r} as {self.author.id!r} ({self.status.state})>"
@@ -468,6 +602,117 @@ class Session:
         """The current state, then every change, until closed or failed."""
         return self._status.changes()
 
+    @property
+    def transport_name(self) -> str:
+        """The transport in use: ``websocket``, ``sse`` or ``long-poll`` (HTTP);
+        ``auto`` until the first connection decides it."""
+        return str(getattr(self._transport, "name", type(self._transport).__name__))
+
+    def drop_connections(self) -> None:
+        """Cut this session's connections now, as a network failure would.
+
+        Subscriptions reconnect and resume, publishes in flight are retried
+        (never duplicated), presence is set again: a way to show (or test)
+        that nothing is lost. Cancels nothing in the session.
+        """
+        drop = getattr(self._transport, "drop_connections", None)
+        if drop is not None:
+            drop()
+        if self._links:
+            now = asyncio.get_running_loop().time()
+            for scope in list(self._links):
+                with contextlib.suppress(RuntimeError):  # already ending
+                    scope.reschedule(now)
+
+    # --- presence --------------------------------------------------------------------
+
+    @property
+    def presence_available(self) -> bool | None:
+        """Whether this session carries presence: ``True`` over WebSocket,
+        ``False`` over HTTP, ``None`` until the first connection decides."""
+        transport = self._transport
+        if isinstance(transport, PresenceTransport):
+            return transport.presence_available
+        return False
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        """Who is in the session now, as last heard (empty over HTTP).
+
+        Presence is heard while this session has a subscription open or has
+        set its own presence; after a reconnect the list is refreshed.
+        """
+        transport = self._transport
+        if isinstance(transport, PresenceTransport):
+            return transport.members
+        return ()
+
+    def presence_changes(self) -> AsyncIterator[PresenceChange]:
+        """Every join, status update and leave from now on, each with the full
+        member list after it, until the session closes.
+
+        Raises :class:`PresenceUnavailable` (on first iteration) over HTTP.
+        Changes missed while reconnecting are reported from the fresh snapshot.
+        """
+        self._check_open()
+        transport = self._transport
+        if isinstance(transport, PresenceTransport):
+            return transport.presence_changes()
+        return _no_presence(self.url)
+
+    def _member(
+        self, status: str | None, label: str | None, kind: Literal["user", "agent"] | None
+    ) -> Member:
+        previous = self._presence
+        if kind is None:
+            if previous is not None:
+                kind = previous.kind
+            else:
+                kind = "agent" if self.author.kind is AuthorKind.AGENT else "user"
+        if label is None:
+            label = previous.label if previous is not None else (self.author.name or "")
+        if status is None:
+            status = previous.status if previous is not None else "idle"
+        try:
+            return Member(client_id=self.author.id, kind=kind, label=label, status=status)
+        except ValidationError as exc:
+            raise UsageError(f"invalid presence: {exc.errors()[0]['msg']}", url=self.url) from exc
+
+    async def set_presence(
+        self,
+        status: str | None = None,
+        *,
+        label: str | None = None,
+        kind: Literal["user", "agent"] | None = None,
+    ) -> None:
+        """Join the session's presence, or update it (as ``author.id``).
+
+        Omitted fields keep their last value (at first: status ``idle``, the
+        author's name as label, the author's kind). Kept across reconnects and
+        sent again after each one, so a reconnect does not show as a leave;
+        :meth:`aclose` leaves. Raises :class:`PresenceUnavailable` over HTTP.
+        """
+        self._check_open()
+        member = self._member(status, label, kind)
+        transport = self._transport
+        if not isinstance(transport, PresenceTransport):
+            raise PresenceUnavailable(
+                "presence needs the WebSocket transport; this session uses HTTP", url=self.url
+            )
+        self._presence = member
+        await transport.set_presence(member)
+
+    def _want_presence(self, status: str) -> None:
+        """Set the status without waiting, where presence is available (agents)."""
+        transport = self._transport
+        if self._closed or not isinstance(transport, PresenceTransport):
+            return
+        if transport.presence_available is False:
+            return
+        member = self._member(status, None, None)
+        self._presence = member
+        transport.want_presence(member)
+
     # --- the stream --------------------------------------------------------------------
 
     async def create(self) -> bool:
@@ -514,7 +759,7 @@ class Session:
             if self._producer_generation > 1:
                 pid = f"{pid}.{self._producer_generation}"
             producer = IdempotentProducer(
-                self._transport,
+                _DroppableSink(self),
                 pid,
                 epoch=self._producer_epoch,
                 auto_claim=self._auto_claim,
@@ -637,3 +882,10 @@ class Session:
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+async def _no_presence(url: str) -> AsyncIterator[PresenceChange]:
+    raise PresenceUnavailable(
+        "presence needs the WebSocket transport; this session uses HTTP", url=url
+    )
+    yield  # pragma: no cover - makes this an async generator

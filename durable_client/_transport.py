@@ -13,8 +13,8 @@ A :class:`Session` needs four things from a transport, and nothing more:
   answering the offset it landed at (what :class:`IdempotentProducer` needs).
 
 :class:`HttpTransport` implements it with the Durable Streams HTTP protocol
-(SSE by default, long-poll as fallback). A WebSocket transport implements the
-same protocol on one socket.
+(SSE by default, long-poll as fallback). :class:`WebSocketTransport`
+(``_ws``) implements it on one socket, and adds presence.
 """
 
 from __future__ import annotations
@@ -89,6 +89,11 @@ class HttpTransport:
         self._cursor: str | None = None
         if stream.content_type is None:
             stream.content_type = P.JSON_CONTENT_TYPE
+
+    @property
+    def name(self) -> str:
+        """How it reads live: ``sse`` or ``long-poll``."""
+        return self.live
 
     @property
     def url(self) -> str:
