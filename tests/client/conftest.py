@@ -3,10 +3,18 @@
 - ``reference_url``: the Node reference server (``conformance/reference-server.mjs``),
   one subprocess for the whole run, killed at teardown. Skipped without node or
   its ``node_modules``.
-- ``ours_url``: our ``mock_server``, in this test's event loop.
-- ``server_url``: parametrized over both, for interoperability tests.
+- ``ours_url``: our ``mock_server`` (HTTP and WebSocket), one for the whole run.
+- ``ours_http_url``: our server with WebSocket turned off (``websocket=False``).
+- ``server_url``: parametrized by ``server_kind`` over ``ours`` and ``reference``,
+  for interoperability tests. In modules marked ``both_transports`` (the
+  session guarantees), over ``ours-websocket``, ``ours-http`` and
+  ``reference`` instead: sessions pick their transport by themselves
+  (``transport="auto"``), so the same tests run over WebSocket (our server
+  offers it) and HTTP (``ours-http`` and the Node server refuse it).
+- ``transport``: ``websocket`` or ``http``, what sessions of that run use
+  (tests that inject faults need to know where to cut).
 - ``proxy``: a fault-injecting TCP proxy (``_proxy.Proxy``) in front of the
-  parametrized server.
+  parametrized server; it follows HTTP and WebSocket frames.
 """
 
 from __future__ import annotations
@@ -87,14 +95,35 @@ def reference_url() -> Iterator[str]:
         proc.stdout.close()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_transports: run the module's server tests over WebSocket and HTTP"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "server_kind" in metafunc.fixturenames:
+        both = metafunc.definition.get_closest_marker("both_transports") is not None
+        kinds = ["ours-websocket", "ours-http", "reference"] if both else ["ours", "reference"]
+        metafunc.parametrize("server_kind", kinds)
+
+
 @pytest.fixture(scope="session")
 def ours_url() -> Iterator[str]:
-    """Our server (mock_server.testing.serve), once for the whole run.
+    """Our server (mock_server.testing.serve), once for the whole run."""
+    yield from _serve_in_thread()
 
-    It runs on its own event loop in a background thread, so one server serves
-    every test (each test uses its own stream names) instead of starting and
-    stopping one per test.
-    """
+
+@pytest.fixture(scope="session")
+def ours_http_url() -> Iterator[str]:
+    """Our server without its WebSocket transport, once for the whole run."""
+    yield from _serve_in_thread(websocket=False)
+
+
+def _serve_in_thread(**overrides: object) -> Iterator[str]:
+    """Run our server on its own event loop in a background thread, so one
+    server serves every test (each test uses its own stream names) instead of
+    starting and stopping one per test."""
     try:
         from mock_server.testing import serve
     except ImportError:  # pragma: no cover - the server package is optional here
@@ -107,7 +136,7 @@ def ours_url() -> Iterator[str]:
 
     async def run() -> None:
         stop.append(asyncio.Event())
-        async with serve(long_poll_timeout=LONG_POLL_MS / 1000) as running:
+        async with serve(long_poll_timeout=LONG_POLL_MS / 1000, **overrides) as running:
             url.append(running.url)
             started.set()
             await stop[0].wait()
@@ -133,16 +162,19 @@ def ours_url() -> Iterator[str]:
         thread.join(timeout=10)
 
 
-@pytest.fixture(params=["ours", "reference"])
-def server_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture
 def server_url(server_kind: str, request: pytest.FixtureRequest) -> str:
     """A base URL: our server or the Node reference server (parametrized)."""
-    fixture = "reference_url" if server_kind == "reference" else "ours_url"
+    fixture = {"reference": "reference_url", "ours-http": "ours_http_url"}.get(
+        server_kind, "ours_url"
+    )
     return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+def transport(server_kind: str) -> str:
+    """The transport sessions use against ``server_url``: ``websocket`` or ``http``."""
+    return "websocket" if server_kind in ("ours", "ours-websocket") else "http"
 
 
 @pytest.fixture

@@ -29,6 +29,8 @@ from durable_client import (
 
 from .conftest import until
 
+pytestmark = pytest.mark.both_transports
+
 FAST_RECONNECT = ReconnectPolicy(initial_delay=0.01, max_delay=0.05)
 FAST_RETRY = RetryPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=3)
 ANN = Author.user("ann")

@@ -1,10 +1,11 @@
-"""Deterministic disconnects: faults at exact points, through the proxy, on both servers.
+"""Deterministic disconnects: faults at exact points, through the proxy, on both
+servers and both transports.
 
-Every test here cuts connections at a chosen point (after the N-th SSE event,
-after N bytes, after the server applied a request but before the client got
-the answer) and checks the guarantees: each event delivered exactly once and
-in order; a retried publish never duplicates; a cancel still ends its turn
-exactly once.
+Every test here cuts connections at a chosen point (after the N-th SSE event
+or WebSocket frame, after N bytes, after the server applied a request but
+before the client got the answer) and checks the guarantees: each event
+delivered exactly once and in order; a retried publish never duplicates; a
+cancel still ends its turn exactly once.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from durable_client import (
     UserMessage,
 )
 
-from ._proxy import Fault, Proxy
+from ._proxy import Fault, Proxy, WsFault
+
+pytestmark = pytest.mark.both_transports
 
 FAST_RECONNECT = ReconnectPolicy(initial_delay=0.005, max_delay=0.02)
 FAST_RETRY = RetryPolicy(initial_delay=0.005, max_delay=0.02, max_attempts=5)
@@ -73,11 +76,38 @@ def text_of(event: AnyEvent) -> str:
     return event.text
 
 
-async def test_cut_after_sse_event_n_loses_and_duplicates_nothing(
-    server_url: str, proxy: Proxy, unique: Callable[[str], str]
+# The same fault, wherever the session's transport puts it.
+
+
+def cut_after_events(transport: str, session_id: str, n: int) -> Fault | WsFault:
+    """Cut the reader's connection after the n-th SSE event or WebSocket frame."""
+    if transport == "websocket":
+        return WsFault(after=n)
+    return Fault(method="GET", sse=True, path_contains=session_id, after_events=n)
+
+
+def lose_append_answer(transport: str, session_id: str, nth: int) -> Fault | WsFault:
+    """The server applies the nth append; its answer never reaches the client."""
+    if transport == "websocket":
+        return WsFault(contains='"type":"ack"', before=nth)
+    return Fault(method="POST", path_contains=session_id, nth=nth, lose_response=True)
+
+
+def drop_append(transport: str, session_id: str) -> Fault | WsFault:
+    """The first append never reaches the server."""
+    if transport == "websocket":
+        return WsFault(direction="up", contains='"op":"append"', before=1)
+    return Fault(method="POST", path_contains=session_id, drop_request=True)
+
+
+async def test_cut_after_event_n_loses_and_duplicates_nothing(
+    server_url: str, transport: str, proxy: Proxy, unique: Callable[[str], str]
 ) -> None:
     fired = 0
-    for n in range(31):
+    # Over WebSocket the reader gets "subscribed", a presence snapshot, one
+    # frame of history and ten live frames: 13 cut points, then a few past them.
+    cut_points = range(31) if transport == "http" else range(16)
+    for n in cut_points:
         session_id = unique(f"cut{n}")
         async with (
             session_at(server_url, session_id) as writer,
@@ -85,9 +115,7 @@ async def test_cut_after_sse_event_n_loses_and_duplicates_nothing(
         ):
             await writer.create()
             expected = await publish_history(writer, batches=3, per_batch=2)
-            fault = proxy.add(
-                Fault(method="GET", sse=True, path_contains=session_id, after_events=n)
-            )
+            fault = proxy.add(cut_after_events(transport, session_id, n))
             got: list[AnyEvent] = []
             async with reader.subscribe("beginning") as events:
                 for _ in expected:
@@ -100,23 +128,31 @@ async def test_cut_after_sse_event_n_loses_and_duplicates_nothing(
                     await writer.send_message(text)
                     got.append(await next_event(events))
             fired += fault.fired.is_set()
-            assert [text_of(e) for e in got] == expected, f"cut after SSE event {n}"
-            assert len({e.event_id for e in got}) == len(got), f"cut after SSE event {n}"
-    assert fired >= 20  # the cuts really happened (the last N may lie past the end)
+            assert [text_of(e) for e in got] == expected, f"cut after event {n}"
+            assert len({e.event_id for e in got}) == len(got), f"cut after event {n}"
+            if transport == "websocket":
+                assert reader.transport_name == "websocket"
+    # The cuts really happened (the last N may lie past the end).
+    assert fired >= (20 if transport == "http" else 13)
 
 
-async def test_cut_after_n_bytes_of_a_long_poll_answer(
-    server_url: str, proxy: Proxy, unique: Callable[[str], str]
+async def test_cut_after_n_bytes_of_an_answer(
+    server_url: str, transport: str, proxy: Proxy, unique: Callable[[str], str]
 ) -> None:
+    """Cuts mid-answer: a long-poll response over HTTP, mid-frame over WebSocket."""
     for n in [0, 1, 5, 17, 40, 90, 150, 300, 600, 1200]:
         session_id = unique(f"bytes{n}")
+        live: dict[str, object] = {"live": "long-poll"} if transport == "http" else {}
         async with (
             session_at(server_url, session_id) as writer,
-            session_at(proxy.url, session_id, Author.user("reader"), live="long-poll") as reader,
+            session_at(proxy.url, session_id, Author.user("reader"), **live) as reader,
         ):
             await writer.create()
             expected = await publish_history(writer, batches=4, per_batch=3)
-            proxy.add(Fault(method="GET", path_contains=session_id, after_bytes=n))
+            if transport == "websocket":
+                proxy.add(WsFault(after_bytes=n))
+            else:
+                proxy.add(Fault(method="GET", path_contains=session_id, after_bytes=n))
             async with reader.subscribe("beginning") as events:
                 got = [text_of(await next_event(events)) for _ in expected]
                 await writer.send_message("after")
@@ -126,15 +162,13 @@ async def test_cut_after_n_bytes_of_a_long_poll_answer(
 
 @pytest.mark.parametrize("lost", [1, 2, 3])
 async def test_a_publish_whose_answer_is_lost_is_not_duplicated(
-    server_url: str, proxy: Proxy, unique: Callable[[str], str], lost: int
+    server_url: str, transport: str, proxy: Proxy, unique: Callable[[str], str], lost: int
 ) -> None:
     session_id = unique("lost")
     async with session_at(server_url, session_id) as direct:
         await direct.create()
     async with session_at(proxy.url, session_id) as session:
-        fault = proxy.add(
-            Fault(method="POST", path_contains=session_id, nth=lost, lose_response=True)
-        )
+        fault = proxy.add(lose_append_answer(transport, session_id, lost))
         acks = [await session.send_message(f"m{i}") for i in range(4)]
         assert fault.fired.is_set()
         assert acks[lost - 1].duplicate  # the retry was recognised by the server
@@ -150,14 +184,15 @@ async def test_a_publish_whose_answer_is_lost_is_not_duplicated(
 
 
 async def test_a_publish_dropped_before_the_server_is_resent(
-    server_url: str, proxy: Proxy, unique: Callable[[str], str]
+    server_url: str, transport: str, proxy: Proxy, unique: Callable[[str], str]
 ) -> None:
     session_id = unique("drop")
     async with session_at(proxy.url, session_id) as session:
         await session.create()
-        proxy.add(Fault(method="POST", path_contains=session_id, drop_request=True))
+        fault = proxy.add(drop_append(transport, session_id))
         ack = await session.send_message("once")
         assert not ack.duplicate
+        assert fault.fired.is_set()
     async with DurableStream(f"{server_url}/v1/stream/sessions/{session_id}") as raw:
         (message,) = (await raw.read()).messages
     assert message["text"] == "once"
@@ -274,7 +309,7 @@ async def test_cancel_survives_the_agent_losing_its_connections(
 
 
 async def test_lost_answers_during_a_reply_duplicate_no_text(
-    server_url: str, proxy: Proxy, unique: Callable[[str], str]
+    server_url: str, transport: str, proxy: Proxy, unique: Callable[[str], str]
 ) -> None:
     session_id = unique("reply")
     written: list[str] = []
@@ -292,7 +327,7 @@ async def test_lost_answers_during_a_reply_duplicate_no_text(
     ):
         await user.create()
         for k in (2, 4, 6, 8):
-            proxy.add(Fault(method="POST", path_contains=session_id, nth=k, lose_response=True))
+            proxy.add(lose_append_answer(transport, session_id, k))
         async with Agent(agent_session, rollup_window=0.005) as agent, user.subscribe() as events:
             ack = await user.send_message("count")
             turn = await anext(aiter(agent.turns()))

@@ -27,6 +27,8 @@ from durable_client import (
 
 from ._proxy import Proxy
 
+pytestmark = pytest.mark.both_transports
+
 FAST_RECONNECT = ReconnectPolicy(initial_delay=0.01, max_delay=0.05, offline_after=3)
 FAST_RETRY = RetryPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=3)
 ANN = Author.user("ann")
