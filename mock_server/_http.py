@@ -662,7 +662,7 @@ class DurableStreamsApp:
                 payload = self._payload(state, result)
                 text = base64.b64encode(payload).decode() if binary else payload.decode("utf-8")
                 chunk += _sse_event("data", text)
-            if result.records or first:
+            if result.records or first or result.closed:
                 chunk += control(result.next_offset, result.up_to_date, result.closed)
                 await emit(chunk)
             first = False

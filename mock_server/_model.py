@@ -72,7 +72,8 @@ class StreamState:
 
     @property
     def tail(self) -> int:
-        return self.ends[-1] if self.ends else self.base
+        # With every record trimmed away the tail stays where it was, never going back.
+        return self.ends[-1] if self.ends else max(self.base, self.trimmed_to)
 
     @property
     def tail_offset(self) -> str:

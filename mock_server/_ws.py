@@ -436,7 +436,7 @@ class Connection:
                 )
                 return
             result = self.store.read(state, position, self.config.frame_data_bytes)
-            if result.records or first:
+            if result.records or first or result.closed:
                 head = (
                     f'{{"type":"data","sub":{sub_json},"offset":"{result.next_offset}",'
                     f'"up_to_date":{"true" if result.up_to_date else "false"},'

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import httpx
 import pytest
 import pytest_asyncio
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from mock_server.chaos import (
     AfterEvent,
@@ -32,6 +34,7 @@ from mock_server.chaos import (
     Rule,
     Stall,
     Trim,
+    WsClose,
     check_history,
     rng_for,
     serve_chaos,
@@ -466,12 +469,6 @@ async def test_admin_endpoint_is_off_unless_asked_for() -> None:
         assert (await http.get("/_chaos/plan")).status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StreamStore.trim(path, 0) drops every record and the tail falls back to"
-    " StreamState.base (0), so the next append's offset goes backwards; trim should"
-    " also move base to the new floor",
-)
 async def test_trimming_everything_keeps_the_tail(
     server: ChaosServer, http: httpx.AsyncClient, p: str
 ) -> None:
@@ -483,3 +480,84 @@ async def test_trimming_everything_keeps_the_tail(
     server.set_plan(rules())
     after = await http.post(f"{S}/{p}", headers=JSON, content=b'{"id":4}')
     assert after.headers["Stream-Next-Offset"] > offsets[-1]
+
+
+# ---------------------------------------------------------------- WebSocket (/v1/ws)
+
+
+async def ws_subscribe(server: ChaosServer, p: str) -> tuple[list[Any], list[str], int | None]:
+    """Subscribe over /v1/ws until the socket ends: (messages, offsets, close code)."""
+    messages: list[Any] = []
+    offsets: list[str] = []
+    url = "ws" + server.url.removeprefix("http") + "/v1/ws"
+    async with ws_connect(url, close_timeout=0.5) as socket:
+        try:
+            await socket.send(json.dumps({"op": "subscribe", "sub": "s", "stream": p}))
+            async for raw in socket:
+                frame = json.loads(raw)
+                if frame["type"] == "data":
+                    messages.extend(frame["messages"])
+                    offsets.append(frame["offset"])
+                    if frame.get("closed"):
+                        break
+        except ConnectionClosed:
+            pass
+    received = socket.protocol.close_rcvd
+    return messages, offsets, received.code if received is not None else None
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        (WsClose(code=4000, reason="chaos"), 4000),
+        (Drop(how="reset"), None),
+        (Drop(how="end"), 1000),
+    ],
+    ids=["ws_close", "reset", "end"],
+)
+async def test_websocket_cut_right_after_event_n(
+    server: ChaosServer, http: httpx.AsyncClient, p: str, fault: WsClose | Drop, code: int | None
+) -> None:
+    offsets = await fill(http, p, 10)
+    await http.post(f"{S}/{p}", headers={"Stream-Closed": "true"})
+    server.set_plan(rules(Rule(trigger=AfterEvent(n=4), fault=fault)))
+    messages, seen_offsets, closed_with = await ws_subscribe(server, p)
+    assert messages == [{"id": i} for i in range(1, 5)]
+    assert seen_offsets[-1] == offsets[3]  # resume right after event 4
+    assert closed_with == code  # None: no close frame at all (1006)
+    assert server.faults.log[0].detail == "WebSocket cut after event 4"
+
+
+async def test_websocket_handshake_refused_with_503_and_retry_after(
+    server: ChaosServer, p: str
+) -> None:
+    refuse = HttpError(status=503, retry_after=2)
+    server.set_plan(rules(Rule(trigger=Always(), fault=refuse, match=Match(method="WEBSOCKET"))))
+    with pytest.raises(InvalidStatus) as refused:
+        await ws_subscribe(server, p)
+    assert refused.value.response.status_code == 503
+    assert refused.value.response.headers["Retry-After"] == "2"
+
+
+async def test_websocket_closed_with_a_code_right_after_the_handshake(
+    server: ChaosServer, http: httpx.AsyncClient, p: str
+) -> None:
+    await fill(http, p, 3)
+    server.set_plan(rules(Rule(trigger=OnRequest(k=1), fault=WsClose(code=1012, reason="restart"))))
+    messages, _, code = await ws_subscribe(server, p)
+    assert (messages, code) == ([], 1012)
+
+
+async def test_a_live_websocket_subscriber_learns_that_the_stream_closed(
+    server: ChaosServer, http: httpx.AsyncClient, p: str
+) -> None:
+    await fill(http, p, 2)
+    reading = asyncio.ensure_future(ws_subscribe(server, p))
+    async with asyncio.timeout(5):
+        # The store has no change event for parked readers; poll the count (bounded).
+        while server.store.waiting(f"{S}/{p}") == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+    await http.post(f"{S}/{p}", headers={"Stream-Closed": "true"})
+    async with asyncio.timeout(1):
+        messages, _, _ = await reading
+    assert messages == [{"id": 1}, {"id": 2}]

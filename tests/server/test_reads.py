@@ -289,3 +289,32 @@ async def test_sse_response_ends_after_the_max_duration(tmp_path: object) -> Non
         response, events = await read_sse(http, f"{S}/t?offset=-1&live=sse", lambda e: False)
         assert response.status_code == 200
         assert datas(events) == ["x"]
+
+
+async def test_sse_reader_at_the_tail_learns_of_a_close_without_data(
+    server: RunningServer, http: httpx.AsyncClient
+) -> None:
+    await make(http, f"{S}/t", b"x")
+
+    def until_closed(events: list[tuple[str, str]]) -> bool:
+        if len(controls(events)) == 1:  # caught up and parked: now close, with no data
+            asyncio.get_running_loop().create_task(
+                http.post(f"{S}/t", headers={"Stream-Closed": "true"})
+            )
+        return bool(controls(events)) and controls(events)[-1].get("streamClosed", False)
+
+    _, events = await read_sse(http, f"{S}/t?offset=-1&live=sse", until_closed)
+    assert datas(events) == ["x"]
+    assert controls(events)[-1]["streamClosed"] is True
+
+
+def test_trimming_every_record_keeps_the_tail_where_it_was() -> None:
+    from mock_server import StreamStore
+    from mock_server._store import AppendRequest, CreateRequest
+
+    store = StreamStore()
+    store.create("/v1/stream/t", CreateRequest(content_type="text/plain", body=b"abc"))
+    before = store.require("/v1/stream/t").tail_offset
+    store.trim("/v1/stream/t", keep_last=0)
+    after = store.append("/v1/stream/t", AppendRequest(body=b"d", content_type="text/plain"))
+    assert after.next_offset > before

@@ -387,3 +387,17 @@ async def test_a_slow_consumer_is_dropped_and_does_not_slow_the_others() -> None
             await again.send(op="subscribe", sub="a", stream="s", offset=resume_at)
             rest = await again.messages("a", 200 - seen)
             assert seen + len(rest) == 200  # nothing lost, nothing twice
+
+
+async def test_a_live_subscriber_learns_of_a_close_without_data(
+    server: RunningServer, http: httpx.AsyncClient
+) -> None:
+    await make_stream(http, "s", b"[1]")
+    async with ws_client(server) as client:
+        await client.send(op="subscribe", sub="a", stream="s")
+        await client.type("data")
+        await until(lambda: server.store.waiting(f"{S}/s") == 1)
+        await http.post(f"{S}/s", headers={"Stream-Closed": "true"})
+        last = await client.type("data")
+        assert last["closed"] is True
+        assert last["messages"] == []
