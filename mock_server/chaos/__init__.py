@@ -53,6 +53,7 @@ from .plan import (
     Slicer,
     Stall,
     Trim,
+    WsClose,
     derive_seed,
     rng_for,
 )
@@ -109,6 +110,7 @@ __all__ = [
     "SubscriberReport",
     "Trim",
     "WriterGaveUp",
+    "WsClose",
     "check_history",
     "content_hash",
     "derive_seed",

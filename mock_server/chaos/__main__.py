@@ -21,7 +21,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .audit import AuditRow, audit, format_header, format_row, format_table, has_admin, to_json
+from .audit import (
+    AuditRow,
+    audit,
+    format_header,
+    format_row,
+    format_table,
+    has_admin,
+    has_websocket,
+    to_json,
+)
 from .plan import FaultPlan
 from .scenario import ScenarioResult, Transport, run_scenario, summary
 from .server_faults import ServerFaults
@@ -29,10 +38,10 @@ from .server_faults import ServerFaults
 
 def _transports(value: str) -> list[Transport]:
     names = [name.strip() for name in value.split(",") if name.strip()]
-    allowed: dict[str, Transport] = {"sse": "sse", "long-poll": "long-poll"}
+    allowed: dict[str, Transport] = {"sse": "sse", "long-poll": "long-poll", "ws": "ws"}
     unknown = [name for name in names if name not in allowed]
     if unknown or not names:
-        raise argparse.ArgumentTypeError("transports are sse and long-poll, comma-separated")
+        raise argparse.ArgumentTypeError("transports are sse, long-poll and ws, comma-separated")
     return [allowed[name] for name in names]
 
 
@@ -51,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     audit_cmd.add_argument("--events", type=int, default=40, help="events per run (default 40)")
     audit_cmd.add_argument(
-        "--transports", type=_transports, default=["sse", "long-poll"], help="default sse,long-poll"
+        "--transports",
+        type=_transports,
+        default=None,
+        help="sse,long-poll,ws (default: sse and long-poll, and ws if the server has /v1/ws)",
     )
     audit_cmd.add_argument(
         "--only", nargs="*", default=[], metavar="CHECK", help="run only these checks"
@@ -71,7 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd.add_argument("--url", help="the server's base URL (default: our server, in-process)")
     run_cmd.add_argument("--events", type=int, default=50, help="events to publish (default 50)")
     run_cmd.add_argument(
-        "--transports", type=_transports, default=["sse", "long-poll"], help="default sse,long-poll"
+        "--transports",
+        type=_transports,
+        default=["sse", "long-poll"],
+        help="sse,long-poll,ws (default sse,long-poll)",
     )
     run_cmd.add_argument("--seed", type=int, help="use this seed instead of the plan's")
     run_cmd.add_argument(
@@ -118,6 +133,10 @@ async def _audit(args: argparse.Namespace) -> int:
             _say(f"{check.name:26} [{check.layer}] {check.description}")
         return 0
     admin = await has_admin(args.url)
+    if args.transports is None:
+        args.transports = ["sse", "long-poll"]
+        if await has_websocket(args.url):
+            args.transports.append("ws")
     if not args.json:
         _say(
             f"chaos audit of {args.url}: {args.events} events per run over"

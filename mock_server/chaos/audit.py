@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import WebSocketException
 
 from .plan import (
     AfterBytes,
@@ -39,11 +41,12 @@ from .plan import (
     Slicer,
     Stall,
     Trim,
+    WsClose,
 )
-from .reader import new_client
+from .reader import WS_PATH, new_client
 from .scenario import ScenarioResult, Transport, run_scenario
 
-__all__ = ["Check", "audit", "battery", "format_table", "has_admin"]
+__all__ = ["Check", "audit", "battery", "format_table", "has_admin", "has_websocket"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,10 @@ class Check:
     writer_plan: FaultPlan | None = None
     expect_reported_loss: bool = False  # retention: the reader must say what it lost
     live: bool = True  # False: write everything, then read (the point depends on no timing)
+    transports: tuple[Transport, ...] | None = None  # None: every transport audited
+
+
+HTTP_ONLY: tuple[Transport, ...] = ("sse", "long-poll")
 
 
 def _plan(name: str, *rules: Rule) -> FaultPlan:
@@ -157,11 +164,10 @@ def battery(events: int = 40) -> list[Check]:
             f" {2 * third} without its control event (FIN)",
             _plan(
                 "cut-after-event",
-                Rule(trigger=AfterEvent(n=third), fault=Drop(how="reset"), match=reads),
+                Rule(trigger=AfterEvent(n=third), fault=Drop(how="reset")),
                 Rule(
                     trigger=AfterEvent(n=2 * third, control=False),
                     fault=Drop(how="fin"),
-                    match=reads,
                 ),
             ),
             layer="server",
@@ -202,12 +208,25 @@ def battery(events: int = 40) -> list[Check]:
                 Rule(trigger=OnResume(), fault=Duplicate(rewind=3), count=3, match=reads),
             ),
             layer="server",
+            transports=HTTP_ONLY,  # a WebSocket resume is a frame, not a request
         ),
         Check(
             "stall",
             f"the server stops answering after event {half} (server-side half-open)",
-            _plan("stall", Rule(trigger=AfterEvent(n=half), fault=Stall(), match=reads)),
+            _plan("stall", Rule(trigger=AfterEvent(n=half), fault=Stall())),
             layer="server",
+        ),
+        Check(
+            "ws-close-after-event",
+            f"the server closes the WebSocket with 1012 right after event {third}"
+            f" and with 4008 after event {2 * third}",
+            _plan(
+                "ws-close-after-event",
+                Rule(trigger=AfterEvent(n=third), fault=WsClose(code=1012, reason="restart")),
+                Rule(trigger=AfterEvent(n=2 * third), fault=WsClose(code=4008, reason="slow")),
+            ),
+            layer="server",
+            transports=("ws",),
         ),
         Check(
             "retention-trim",
@@ -221,6 +240,7 @@ def battery(events: int = 40) -> list[Check]:
             layer="server",
             expect_reported_loss=True,
             live=False,
+            transports=HTTP_ONLY,
         ),
     ]
 
@@ -235,6 +255,16 @@ async def has_admin(url: str) -> bool:
     return response.status_code == 200 and response.headers.get("content-type", "").startswith(
         "application/json"
     )
+
+
+async def has_websocket(url: str) -> bool:
+    """Whether the server at ``url`` accepts this project's WebSocket transport."""
+    ws_url = "ws" + url.rstrip("/").removeprefix("http") + WS_PATH
+    try:
+        async with ws_connect(ws_url, open_timeout=5, close_timeout=0.5):
+            return True
+    except (OSError, TimeoutError, WebSocketException):
+        return False
 
 
 def _passed(check: Check, result: ScenarioResult) -> bool:
@@ -260,14 +290,20 @@ async def audit(
     url: str,
     *,
     events: int = 40,
-    transports: Sequence[Transport] = ("sse", "long-poll"),
+    transports: Sequence[Transport] | None = None,
     only: Sequence[str] = (),
     idle_timeout: float = 2.0,
     server_checks: bool | None = None,
     progress: Any = None,
 ) -> list[AuditRow]:
-    """Run the battery against ``url``; server checks run if the admin endpoint answers."""
+    """Run the battery against ``url``; server checks run if the admin endpoint
+    answers; ``transports`` defaults to SSE, long-poll and, if the server
+    offers it, WebSocket."""
     admin = await has_admin(url) if server_checks is None else server_checks
+    if transports is None:
+        transports = ["sse", "long-poll"]
+        if await has_websocket(url):
+            transports.append("ws")
     rows: list[AuditRow] = []
     for check in battery(events):
         if only and check.name not in only:
@@ -275,6 +311,8 @@ async def audit(
         if check.layer == "server" and not admin:
             continue
         for transport in transports:
+            if check.transports is not None and transport not in check.transports:
+                continue
             result = await run_scenario(
                 url,
                 check.plan,

@@ -9,7 +9,7 @@ A :class:`FaultPlan` is a seed and a list of :class:`Rule` objects, each a
 - **server** faults are application-level and applied by
   :class:`~mock_server.chaos.ServerFaults`, a middleware around this
   project's server: ``http_error``, ``drop``, ``stall``, ``delay``,
-  ``lost_ack``, ``duplicate``, ``trim``, ``crash``.
+  ``lost_ack``, ``duplicate``, ``trim``, ``ws_close``, ``crash``.
 
 Triggers say when a rule fires. ``always`` and ``probability`` work on both
 layers; ``connection`` and ``after_bytes`` on the proxy; ``request``,
@@ -341,6 +341,16 @@ class Trim(_Model):
     keep_last: int = Field(default=0, ge=0)
 
 
+class WsClose(_Model):
+    """Close a WebSocket (``/v1/ws``) with ``code`` and ``reason``: right after
+    the handshake (request triggers) or right after event *N* (``after_event``,
+    ``at_offset``). Use ``drop`` for a close without a close frame (1006)."""
+
+    kind: Literal["ws_close"] = "ws_close"
+    code: int = Field(default=1012, ge=1000, le=4999)
+    reason: str = ""
+
+
 class Crash(_Model):
     """``kill -9`` the server process at the trigger's point (after the
     append committed, before its response). Only for a server in its own
@@ -365,20 +375,24 @@ Fault = Annotated[
     | LostAck
     | Duplicate
     | Trim
+    | WsClose
     | Crash,
     Field(discriminator="kind"),
 ]
 
 PROXY_FAULTS = frozenset({"reset", "fin", "half_open", "latency", "bandwidth", "slicer", "down"})
 SERVER_FAULTS = frozenset(
-    {"http_error", "drop", "stall", "delay", "lost_ack", "duplicate", "trim", "crash"}
+    {"http_error", "drop", "stall", "delay", "lost_ack", "duplicate", "trim", "ws_close", "crash"}
 )
 # Faults that can land at a point inside a response or an append.
-_POSITION_FAULTS = {"drop", "stall", "lost_ack", "crash"}
+_POSITION_FAULTS = {"drop", "stall", "lost_ack", "ws_close", "crash"}
 
 
 class Match(_Model):
-    """Which requests a server rule applies to (all given fields must match)."""
+    """Which requests a server rule applies to (all given fields must match).
+
+    A WebSocket connection is a request with method ``WEBSOCKET``.
+    """
 
     method: str | None = None
     path: str | None = Field(
@@ -564,6 +578,7 @@ DEFAULT_RANDOM_KINDS: tuple[str, ...] = (
     "lost_ack",
     "duplicate",
     "delay",
+    "ws_close",
 )
 
 
@@ -598,12 +613,15 @@ def _random_rule(rng: random.Random, kind: str, events: int, event_bytes: int) -
         return Rule(trigger=OnConnection(k=rng.randint(1, 4)), fault=fault, count=1)
     if kind == "drop":
         drop = Drop(how=rng.choice(["reset", "fin", "end"]))
-        reads = Match(method="GET")
-        if rng.random() < 0.75:
+        if rng.random() < 0.75:  # inside a read: SSE, long-poll or WebSocket
             trigger: Trigger = AfterEvent(n=rng.randint(0, events), control=rng.random() < 0.7)
-            return Rule(trigger=trigger, fault=drop, count=1, match=reads)
+            return Rule(trigger=trigger, fault=drop, count=1)
         drop = Drop(how=rng.choice(["reset", "fin"]))
+        reads = Match(method="GET")
         return Rule(trigger=OnRequest(k=rng.randint(1, 6)), fault=drop, count=count, match=reads)
+    if kind == "ws_close":
+        fault = WsClose(code=rng.choice([1001, 1011, 1012, 1013, 4000]))
+        return Rule(trigger=AfterEvent(n=rng.randint(0, events)), fault=fault, count=count)
     if kind == "http_error":
         fault = HttpError(status=rng.choice([429, 503]), retry_after=0)
         method = rng.choice(["GET", "POST"])

@@ -4,7 +4,8 @@ Small, strict clients that do what every correct client must, and nothing
 clever, so a chaos run can tell a server's faults from a client's bugs:
 
 - :class:`ProtocolReader` follows a JSON stream from an offset to its end
-  (the stream is closed), over SSE or over catch-up reads then long-poll. It
+  (the stream is closed), over SSE, over catch-up reads then long-poll, or
+  over this project's WebSocket extension (``/v1/ws``). It
   keeps an event only once it knows the offset after it (an SSE ``data`` event
   counts when its ``control`` event arrives), so a cut anywhere never loses or
   repeats anything; it resumes from the last offset after any failure, honours
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from durable_client import _protocol as P
 
@@ -45,7 +48,8 @@ __all__ = [
     "event_id",
 ]
 
-Transport = Literal["sse", "long-poll"]
+Transport = Literal["sse", "long-poll", "ws"]
+WS_PATH = "/v1/ws"  # this project's WebSocket extension (docs/websocket.md)
 
 
 class ReaderGaveUp(Exception):
@@ -142,6 +146,8 @@ class ProtocolReader:
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self.url = stream_url(base_url, path)
+        self.stream = P.STREAM_PATH_PREFIX + path.lstrip("/")
+        self.ws_url = "ws" + base_url.rstrip("/").removeprefix("http") + WS_PATH
         self.transport = transport
         self.name = name or f"{transport}-reader"
         self.offset = offset
@@ -193,6 +199,8 @@ class ProtocolReader:
                 self.requests += 1
                 if self.transport == "sse":
                     progressed = await self._sse(client)
+                elif self.transport == "ws":
+                    progressed = await self._ws()
                 else:
                     progressed, catching_up = await self._poll(client, catching_up)
                 if progressed:
@@ -201,8 +209,10 @@ class ProtocolReader:
             except _Retry as exc:
                 retry_after = exc.retry_after
                 self.failures[exc.reason] += 1
-            except (httpx.TransportError, httpx.StreamError, _Garbled) as exc:
+            except (httpx.TransportError, httpx.StreamError, _Garbled, OSError) as exc:
                 self.failures[type(exc).__name__] += 1
+            except WebSocketException as exc:
+                self.failures[_ws_failure(exc)] += 1
             attempt = 1 if self.offset != before else attempt + 1
             self.reconnects += 1
             if attempt > self.retry.max_attempts:
@@ -213,11 +223,7 @@ class ProtocolReader:
         """Handle a refusal: retry, jump over a retention gap, or give up."""
         status = response.status_code
         if status == 410:
-            earliest = response.headers.get(P.STREAM_NEXT_OFFSET)
-            if earliest is None or earliest <= self.offset:
-                raise ReaderGaveUp(f"{self.name}: 410 without a later retained offset")
-            self.gaps.append((self.offset, earliest))
-            self.offset = earliest
+            self._gap(response.headers.get(P.STREAM_NEXT_OFFSET) or "")
             return
         if status in _RETRYABLE_STATUS:
             raise _Retry(f"http {status}", response.headers.get("Retry-After"))
@@ -262,6 +268,55 @@ class ProtocolReader:
         # The server ended the response (it does so now and then): resume at once.
         return progressed
 
+    async def _ws(self) -> bool:
+        """One WebSocket connection with one subscription, until the stream ends
+        (True) or the connection does (an exception)."""
+        async with ws_connect(
+            self.ws_url,
+            open_timeout=self.idle_timeout,
+            close_timeout=0.5,
+            ping_interval=None,  # the read timeout below notices a silent peer
+            max_size=None,
+        ) as socket:
+            subscribe = {
+                "op": "subscribe",
+                "sub": "r",
+                "stream": self.stream,
+                "offset": self.offset,
+            }
+            await socket.send(json.dumps(subscribe))
+            while True:
+                async with asyncio.timeout(self.idle_timeout):
+                    raw = await socket.recv()
+                frame = _json(raw)
+                if not isinstance(frame, dict):
+                    raise _Garbled("a WebSocket frame that is not an object")
+                kind = frame.get("type")
+                if kind == "data":
+                    messages = frame.get("messages")
+                    if not isinstance(messages, list) or "offset" not in frame:
+                        raise _Garbled("a data frame without messages or offset")
+                    self._keep(messages, str(frame["offset"]))
+                    if frame.get("closed"):
+                        self.closed = True
+                        self._changed.set()
+                        return True
+                elif kind == "error":
+                    status = int(frame.get("status", 0))
+                    headers = frame.get("headers") or {}
+                    if status == 410 and P.STREAM_NEXT_OFFSET in headers:
+                        self._gap(str(headers[P.STREAM_NEXT_OFFSET]))
+                        return True
+                    if status in _RETRYABLE_STATUS:
+                        raise _Retry(f"ws error {status}", None)
+                    raise ReaderGaveUp(f"{self.name}: {status} {frame.get('message')}")
+
+    def _gap(self, earliest: str) -> None:
+        if earliest <= self.offset:
+            raise ReaderGaveUp(f"{self.name}: 410 without a later retained offset")
+        self.gaps.append((self.offset, earliest))
+        self.offset = earliest
+
     async def _poll(self, client: httpx.AsyncClient, catching_up: bool) -> tuple[bool, bool]:
         """One catch-up or long-poll read; (delivered anything, still catching up)."""
         params = {P.OFFSET_PARAM: self.offset}
@@ -286,6 +341,13 @@ class ProtocolReader:
             self._changed.set()
         up_to_date = P.header_true(r.headers.get(P.STREAM_UP_TO_DATE))
         return True, catching_up and not up_to_date
+
+
+def _ws_failure(exc: WebSocketException) -> str:
+    if isinstance(exc, ConnectionClosed):
+        frame = exc.rcvd
+        return f"ws close {frame.code}" if frame is not None else "ws close 1006"
+    return type(exc).__name__
 
 
 class _Retry(Exception):

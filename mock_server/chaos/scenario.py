@@ -16,7 +16,7 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
@@ -28,15 +28,14 @@ from .reader import (
     ProtocolWriter,
     ReaderGaveUp,
     RetryPolicy,
+    Transport,
     WriterGaveUp,
     make_event,
     new_client,
 )
 from .server_faults import ServerFaults
 
-__all__ = ["ScenarioResult", "run_scenario"]
-
-Transport = Literal["sse", "long-poll"]
+__all__ = ["ScenarioResult", "Transport", "run_scenario"]
 
 
 @dataclass

@@ -64,6 +64,7 @@ from .plan import (
     Probability,
     Rule,
     Trim,
+    WsClose,
 )
 from .proxy import unsent_bytes
 
@@ -110,7 +111,8 @@ class _Request:
     """What the rules look at in a request."""
 
     def __init__(self, scope: Scope) -> None:
-        self.method: str = scope["method"].upper()
+        websocket = scope["type"] == "websocket"
+        self.method: str = "WEBSOCKET" if websocket else scope["method"].upper()
         self.path: str = scope["path"]
         self.query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
         self.offset = self.query.get(P.OFFSET_PARAM)
@@ -200,7 +202,7 @@ class _Connection:
                             async with asyncio.timeout(1):
                                 await self.receive()
                     return
-                if message.result()["type"] == "http.disconnect":
+                if message.result()["type"] in ("http.disconnect", "websocket.disconnect"):
                     return
         finally:
             stop.cancel()
@@ -297,8 +299,13 @@ class ServerFaults:
     # ------------------------------------------------------------ ASGI
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(_FAULTED_PREFIX):
+        if scope["type"] not in ("http", "websocket") or not scope["path"].startswith(
+            _FAULTED_PREFIX
+        ):
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
             return
         self.requests += 1
         self._changes.changed()
@@ -343,7 +350,11 @@ class ServerFaults:
                 await self._refuse(index, rule, req, conn)
                 return
 
-        reads = [(i, r) for i, r in positional if req.is_read and r.fault.kind != "lost_ack"]
+        reads = [
+            (i, r)
+            for i, r in positional
+            if req.is_read and r.fault.kind in ("drop", "stall", "crash")
+        ]
         appends = [
             (i, r)
             for i, r in positional
@@ -539,6 +550,76 @@ class ServerFaults:
         if isinstance(fault, LostAck):
             return fault.how
         return "stall"
+
+    # ------------------------------------------------------------ WebSocket
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.requests += 1
+        self._changes.changed()
+        rules = self.plan.for_layer("server")
+        req = _Request(scope)
+        conn = _Connection(send, receive, self.app.shutting_down)
+        fired: list[tuple[int, Rule]] = []
+        positional: list[tuple[int, Rule]] = []
+        for index, rule in rules:
+            if not req.matches(rule.match):
+                continue
+            if rule.positional:
+                if rule.fault.kind in ("drop", "stall", "ws_close", "crash"):
+                    positional.append((index, rule))
+            elif (
+                self._triggered(index, rule, req)
+                and rule.fault.kind in ("delay", "http_error", "drop", "stall", "ws_close", "crash")
+                and self._take(index, rule)
+            ):
+                fired.append((index, rule))
+        close_on_accept: WsClose | None = None
+        for index, rule in fired:
+            fault = rule.fault
+            self._record(index, rule, req)
+            if isinstance(fault, Delay):
+                rng = self.plan.rng("server", index, "delay", self._rules[index].fired)
+                jitter = rng.uniform(-fault.jitter_ms, fault.jitter_ms)
+                await asyncio.sleep(max(0.0, fault.ms + jitter) / 1000)
+            elif isinstance(fault, WsClose):
+                close_on_accept = fault
+            elif fault.kind == "crash":
+                _crash()
+            else:
+                await self._refuse_handshake(scope, conn, fault)
+                return
+        cutter = _WsCutter(self, req, conn, positional, close_on_accept)
+        await self.app(scope, cutter.receive, cutter.send)
+        if conn.cut:
+            await conn.wait_gone()
+
+    async def _refuse_handshake(self, scope: Scope, conn: _Connection, fault: Any) -> None:
+        """An ``http_error``, ``drop`` or ``stall`` instead of the WebSocket handshake."""
+        message = await conn.receive()
+        if message["type"] != "websocket.connect":
+            return
+        if isinstance(fault, HttpError):
+            if "websocket.http.response" in scope.get("extensions", {}):
+                headers = [(b"content-type", b"text/plain; charset=utf-8")]
+                if fault.retry_after is not None:
+                    headers.append((b"retry-after", str(fault.retry_after).encode()))
+                await conn.send(
+                    {
+                        "type": "websocket.http.response.start",
+                        "status": fault.status,
+                        "headers": headers,
+                    }
+                )
+                body = (fault.message + "\n").encode()
+                await conn.send({"type": "websocket.http.response.body", "body": body})
+            else:
+                await conn.send({"type": "websocket.close", "code": 1013})
+            return
+        if isinstance(fault, Drop):
+            await conn.drop("reset" if fault.how == "reset" else "fin")
+            return
+        conn.cut = True  # stall: no answer to the handshake
+        await conn.wait_gone()
 
     # ------------------------------------------------------------ appends
 
@@ -811,3 +892,127 @@ class _ReadCutter:
             await self.conn.send({"type": "http.response.body", "body": prefix, "more_body": True})
         how = await self.faults._apply_at_point(index, rule, self.req, self.conn, detail)
         await self._finish("fin" if how == "end" else how)
+
+
+class _WsCutter:
+    """The ``receive`` and ``send`` of a WebSocket: follows which stream each
+    subscription reads, and cuts right after event *N* of a ``data`` frame."""
+
+    def __init__(
+        self,
+        faults: ServerFaults,
+        req: _Request,
+        conn: _Connection,
+        positional: list[tuple[int, Rule]],
+        close_on_accept: WsClose | None,
+    ) -> None:
+        self.faults = faults
+        self.req = req
+        self.conn = conn
+        self.positional = positional
+        self.close_on_accept = close_on_accept
+        self.subscriptions: dict[str, str] = {}  # sub id -> stream path
+        self.closed_by_us: int | None = None
+
+    async def receive(self) -> Message:
+        if self.closed_by_us is not None:
+            return {"type": "websocket.disconnect", "code": self.closed_by_us}
+        message = await self.conn.receive()
+        text = message.get("text") if message["type"] == "websocket.receive" else None
+        if text and self.positional:
+            self._follow(text)
+        return message
+
+    def _follow(self, text: str) -> None:
+        from .._ws import stream_path
+
+        try:
+            frame = json.loads(text)
+            if isinstance(frame, dict) and frame.get("op") == "subscribe":
+                self.subscriptions[str(frame["sub"])] = stream_path(str(frame["stream"]))
+        except (ValueError, KeyError, TypeError, ProtocolError):
+            pass  # the application answers a bad frame
+
+    async def _close(self, code: int, reason: str = "") -> None:
+        self.closed_by_us = code
+        self.conn.cut = True
+        await self.conn.send({"type": "websocket.close", "code": code, "reason": reason})
+
+    async def send(self, message: Message) -> None:
+        if self.conn.cut:
+            return
+        if message["type"] == "websocket.accept" and self.close_on_accept is not None:
+            await self.conn.send(message)
+            fault = self.close_on_accept
+            await self._close(fault.code, fault.reason)
+            return
+        text = message.get("text") if message["type"] == "websocket.send" else None
+        if text is None or not self.positional:
+            await self.conn.send(message)
+            return
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            frame = None
+        if not isinstance(frame, dict) or frame.get("type") != "data":
+            await self.conn.send(message)
+            return
+        await self._data(message, frame)
+
+    async def _data(self, message: Message, frame: dict[str, Any]) -> None:
+        store = self.faults.store
+        path = self.subscriptions.get(str(frame.get("sub")))
+        state = store.get(path) if path is not None else None
+        messages = frame.get("messages")
+        if state is None or not isinstance(messages, list) or not messages:
+            await self.conn.send(message)
+            return
+        try:
+            end = store.parse_read_offset(state, str(frame["offset"]))
+        except (KeyError, ProtocolError):
+            await self.conn.send(message)
+            return
+        # The frame holds the last len(messages) events before its offset.
+        before_end = [r for r in store.read(state, 0, _EVERYTHING).records if r.end <= end]
+        window: list[Record] = []
+        count = 0
+        while before_end and count < len(messages):
+            record = before_end.pop()
+            window.insert(0, record)
+            count += record.count
+        start = before_end[-1].end if before_end else state.trimmed_to
+        events_before = sum(r.count for r in before_end)
+        point = self.faults._cut_point(self.positional, window, start, events_before)
+        if point is None:
+            await self.conn.send(message)
+            return
+        index, rule, keep = point
+        pieces, boundary = ServerFaults._split(window, keep, P.is_json(state.content_type))
+        detail = f"WebSocket cut after event {events_before + len(pieces)}"
+        if pieces and boundary is not None:
+            at_tail = boundary == state.tail
+            shorter = {
+                **frame,
+                "messages": [json.loads(piece) for piece in pieces],
+                "offset": format_offset(boundary),
+                "up_to_date": at_tail,
+                "closed": at_tail and state.closed,
+            }
+            await self.conn.send({"type": "websocket.send", "text": json.dumps(shorter)})
+        elif pieces:
+            detail += " (inside an append: nothing of it sent)"
+        self.faults._take(index, rule)
+        self.faults._record(index, rule, self.req, detail)
+        fault = rule.fault
+        if isinstance(fault, WsClose):
+            await self._close(fault.code, fault.reason)
+        elif isinstance(fault, Drop):
+            if fault.how == "end":
+                await self._close(1000)
+            else:
+                await self.conn.drop(fault.how)
+        elif fault.kind == "crash":
+            await self.conn.flush()
+            _crash()
+        else:
+            self.conn.cut = True  # stall

@@ -59,7 +59,7 @@ def test_plan_prints_what_a_seed_draws(chaos_cli: Callable[..., Result]) -> None
 async def test_audit_prints_a_table_and_passes_on_our_server() -> None:
     async with serve_chaos(long_poll_timeout=0.5) as server:
         code, out = await chaos_cli_async(
-            "audit", "--url", server.url, "--events", "20",
+            "audit", "--url", server.url, "--events", "20", "--transports", "sse,long-poll",
             "--only", "baseline", "reset-mid-stream", "cut-after-event", "lost-ack",
         )  # fmt: skip
     assert code == 0, out

@@ -65,45 +65,37 @@ async def test_kill_9_mid_stream_loses_nothing_acknowledged(tmp_path: Path) -> N
         assert [event["n"] for event in stored] == list(range(300))
 
 
-async def test_crash_from_the_plan_after_an_append_commits(tmp_path: Path) -> None:
+async def test_crash_from_the_plan_after_an_append_and_inside_a_read(tmp_path: Path) -> None:
     """The server kills itself right after committing the append that makes
-    event 50, before answering it; the harness restarts it, the writer's retry
-    is recognised as a duplicate."""
+    event 50, before answering it: the harness restarts it and the writer's
+    retry is recognised as a duplicate. Then it kills itself again right after
+    sending event 30 to a reader, which resumes after the restart."""
     crash_at_50 = Rule(trigger=AfterEvent(n=50), fault=Crash(), match=Match(method="POST"))
+    crash_at_30 = Rule(trigger=AfterEvent(n=30), fault=Crash(), match=Match(method="GET"))
     async with CrashHarness(tmp_path / "data", args=SERVER_ARGS, auto_restart=True) as server:
         writer = ProtocolWriter(server.url, "self", request_timeout=1.0, retry=PATIENT)
         await writer.create()
         await server.set_plan(FaultPlan(rules=[crash_at_50]))
-        reader = ProtocolReader(server.url, "self", idle_timeout=1.0, retry=PATIENT)
-        reading = asyncio.ensure_future(reader.run(timeout=60))
+        live = ProtocolReader(server.url, "self", idle_timeout=1.0, retry=PATIENT)
+        reading = asyncio.ensure_future(live.run(timeout=60))
         for n in range(80):
             await writer.append(make_event("self", n))
         await writer.close_stream()
         await reading
         await writer.aclose()
+        assert (server.crashes, server.starts) == (1, 2)
+        assert writer.duplicate_acks == 1  # event 50 committed before the crash
 
-    assert (server.crashes, server.starts) == (1, 2)
-    assert writer.duplicate_acks == 1  # event 50 committed before the crash
-    report = check_history(writer.published, [reader.history()])
+        await server.set_plan(FaultPlan(rules=[crash_at_30]))  # the restart had no plan
+        late = ProtocolReader(server.url, "self", idle_timeout=1.0, retry=PATIENT)
+        await late.run(timeout=60)
+        await server.wait_started(3)
+        assert server.crashes == 2
+        assert late.reconnects >= 1
+
+    report = check_history(writer.published, [live.history(), late.history()])
     assert report.ok, str(report)
-    assert report.subscribers[0].seen == 80
-
-
-async def test_crash_mid_read_after_event_n(tmp_path: Path) -> None:
-    crash_at_30 = Rule(trigger=AfterEvent(n=30), fault=Crash(), match=Match(method="GET"))
-    async with CrashHarness(tmp_path / "data", args=SERVER_ARGS, auto_restart=True) as server:
-        async with ProtocolWriter(server.url, "r", retry=PATIENT) as writer:
-            await writer.create()
-            for n in range(60):
-                await writer.append(make_event("r", n))
-            await writer.close_stream()
-        await server.set_plan(FaultPlan(rules=[crash_at_30]))
-        reader = ProtocolReader(server.url, "r", idle_timeout=1.0, retry=PATIENT)
-        await reader.run(timeout=60)
-        await server.wait_started(2)
-    assert server.crashes == 1
-    assert check_history(writer.published, [reader.history()]).ok
-    assert reader.reconnects >= 1
+    assert [sub.seen for sub in report.subscribers] == [80, 80]
 
 
 async def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:

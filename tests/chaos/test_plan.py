@@ -169,7 +169,7 @@ def test_random_plans_replay_from_their_seed() -> None:
     kinds = {rule.fault.kind for plan in plans for rule in plan.rules}
     assert kinds == {
         "reset", "fin", "latency", "bandwidth", "slicer", "down",
-        "drop", "http_error", "lost_ack", "duplicate", "delay",
+        "drop", "http_error", "lost_ack", "duplicate", "delay", "ws_close",
     }  # fmt: skip
     assert all(1 <= len(p.rules) <= 3 for p in plans)
 

@@ -2,11 +2,11 @@
 
 Each seed draws a plan (``FaultPlan.random(seed)``: one to three rules over
 both layers) and runs it: a writer publishes, a reader behind the chaos
-proxy follows over SSE or catch-up + long-poll, writer and reader together
-or one after the other. Every run must end with 0 lost, 0 duplicated,
+proxy follows over SSE, catch-up + long-poll or WebSocket, writer and reader
+together or one after the other. Every run must end with 0 lost, 0 duplicated,
 0 reordered. A failure prints the seed, the plan and the faults applied.
 
-``CHAOS_PLANS`` (default 200) and ``CHAOS_EVENTS`` (default 30) size the
+``CHAOS_PLANS`` (default 200) and ``CHAOS_EVENTS`` (default 20) size the
 run; the long run is ``CHAOS_PLANS=2000 CHAOS_EVENTS=100 python3 dev.py test
 tests/chaos/test_seeded.py`` (or ``python -m mock_server.chaos soak``).
 Replay one seed with ``-k seed-137``.
@@ -27,7 +27,7 @@ from mock_server.chaos.scenario import ScenarioResult, run_scenario, summary
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 PLANS = int(os.environ.get("CHAOS_PLANS", "200"))
-EVENTS = int(os.environ.get("CHAOS_EVENTS", "30"))
+EVENTS = int(os.environ.get("CHAOS_EVENTS", "20"))
 RESULTS: list[ScenarioResult] = []
 
 
@@ -37,10 +37,12 @@ async def server() -> AsyncIterator[ChaosServer]:
         yield running
 
 
-def mode(seed: int) -> tuple[Literal["sse", "long-poll"], bool]:
+TRANSPORTS: list[Literal["sse", "long-poll", "ws"]] = ["sse", "long-poll", "ws"]
+
+
+def mode(seed: int) -> tuple[Literal["sse", "long-poll", "ws"], bool]:
     """The seed picks the transport and whether writer and reader run together."""
-    transport: Literal["sse", "long-poll"] = "sse" if seed % 2 == 0 else "long-poll"
-    return transport, (seed // 2) % 2 == 0
+    return TRANSPORTS[seed % 3], (seed // 3) % 2 == 0
 
 
 @pytest.mark.parametrize("seed", range(PLANS), ids=lambda seed: f"seed-{seed}")

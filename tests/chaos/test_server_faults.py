@@ -89,6 +89,14 @@ async def fill(http: httpx.AsyncClient, path: str, n: int) -> list[str]:
     return offsets
 
 
+async def parked(server: ChaosServer, p: str) -> None:
+    """Until a live reader waits at the tail of ``p``."""
+    async with asyncio.timeout(5):
+        # The store has no change event for parked readers; poll the count (bounded).
+        while server.store.waiting(f"{S}/{p}") == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
 def rules(*items: Rule, seed: int = 0) -> FaultPlan:
     return FaultPlan(seed=seed, rules=list(items))
 
@@ -292,7 +300,7 @@ async def test_sse_cut_lands_on_live_events_too(
     await fill(http, p, 2)
     server.set_plan(rules(Rule(trigger=AfterEvent(n=5), fault=Drop())))
     reading = asyncio.ensure_future(sse_read(http, f"{S}/{p}?offset=-1&live=sse"))
-    await server.faults.wait_for(lambda: server.store.waiting(f"{S}/{p}") > 0)
+    await parked(server, p)
     for i in range(3, 9):
         await http.post(f"{S}/{p}", headers=JSON, content=json.dumps({"id": i}))
     messages, _, ended = await reading
@@ -553,10 +561,7 @@ async def test_a_live_websocket_subscriber_learns_that_the_stream_closed(
 ) -> None:
     await fill(http, p, 2)
     reading = asyncio.ensure_future(ws_subscribe(server, p))
-    async with asyncio.timeout(5):
-        # The store has no change event for parked readers; poll the count (bounded).
-        while server.store.waiting(f"{S}/{p}") == 0:  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
+    await parked(server, p)
     await http.post(f"{S}/{p}", headers={"Stream-Closed": "true"})
     async with asyncio.timeout(1):
         messages, _, _ = await reading
