@@ -648,8 +648,9 @@ class Session:
         return ()
 
     def presence_changes(self) -> AsyncIterator[PresenceChange]:
-        """Every join, status update and leave from now on, each with the full
-        member list after it, until the session closes.
+        """Every join, status update and leave from this call on (none is
+        missed before the first ``anext``), each with the full member list
+        after it, until the session closes. ``aclose()`` it to stop early.
 
         Raises :class:`PresenceUnavailable` (on first iteration) over HTTP.
         Changes missed while reconnecting are reported from the fresh snapshot.

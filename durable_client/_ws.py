@@ -33,8 +33,9 @@ import contextlib
 import itertools
 import json
 import random
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -97,6 +98,7 @@ from ._ws_frames import (
 __all__ = [
     "AutoTransport",
     "PresenceChange",
+    "PresenceFeed",
     "WebSocketOptions",
     "WebSocketTransport",
     "stream_name_of",
@@ -481,7 +483,7 @@ class WebSocketTransport:
         self._presence_lock = asyncio.Lock()
         self._presence_task: asyncio.Task[None] | None = None
         self._members: tuple[Member, ...] = ()
-        self._listeners: set[asyncio.Queue[PresenceChange | None]] = set()
+        self._listeners: weakref.WeakSet[PresenceFeed] = weakref.WeakSet()
         self._ids = itertools.count(1)
         self._closed = False
 
@@ -623,8 +625,8 @@ class WebSocketTransport:
                             )
                         )
             await socket.close()
-        for queue in self._listeners:
-            queue.put_nowait(None)
+        for feed in list(self._listeners):
+            feed._end()
         await self._http.aclose()
 
     # --- subscriptions -------------------------------------------------------------
@@ -758,15 +760,9 @@ class WebSocketTransport:
                 )
                 socket.presence_sent = wanted
 
-    async def presence_changes(self) -> AsyncIterator[PresenceChange]:
+    def presence_changes(self) -> PresenceFeed:
         self._check_open()
-        queue: asyncio.Queue[PresenceChange | None] = asyncio.Queue()
-        self._listeners.add(queue)
-        try:
-            while (change := await queue.get()) is not None:
-                yield change
-        finally:
-            self._listeners.discard(queue)
+        return PresenceFeed(self)
 
     def _on_presence(self, frame: Presence) -> None:
         name = frame.stream.removeprefix(P.STREAM_PATH_PREFIX)
@@ -779,8 +775,45 @@ class WebSocketTransport:
             changes = [PresenceChange(frame.event, frame.member, tuple(frame.members))]
         self._members = tuple(frame.members)
         for change in changes:
-            for queue in self._listeners:
-                queue.put_nowait(change)
+            for feed in list(self._listeners):
+                feed._queue.put_nowait(change)
+
+
+class PresenceFeed:
+    """The presence changes of a session from the moment it was asked for
+    (nothing between the call and the first ``anext`` is missed), until the
+    session closes."""
+
+    def __init__(
+        self,
+        transport: WebSocketTransport,
+        check: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._queue: asyncio.Queue[PresenceChange | None] = asyncio.Queue()
+        self._transport = transport
+        self._check = check
+        transport._listeners.add(self)
+
+    def __aiter__(self) -> PresenceFeed:
+        return self
+
+    async def __anext__(self) -> PresenceChange:
+        if self._check is not None:
+            check, self._check = self._check, None
+            await check()
+        change = await self._queue.get()
+        if change is None:
+            self._queue.put_nowait(None)
+            raise StopAsyncIteration
+        return change
+
+    async def aclose(self) -> None:
+        """Stop listening."""
+        self._transport._listeners.discard(self)
+        self._end()
+
+    def _end(self) -> None:
+        self._queue.put_nowait(None)
 
 
 def _diff(before: tuple[Member, ...], after: tuple[Member, ...]) -> list[PresenceChange]:
@@ -828,7 +861,7 @@ class PresenceTransport(Protocol):
     @property
     def members(self) -> tuple[Member, ...]: ...
 
-    def presence_changes(self) -> AsyncIterator[PresenceChange]: ...
+    def presence_changes(self) -> PresenceFeed: ...
 
     async def set_presence(self, member: Member) -> None: ...
 
@@ -927,15 +960,12 @@ class AutoTransport:
         elif self._chosen is self.websocket:
             self.websocket.want_presence(member)
 
-    async def presence_changes(self) -> AsyncIterator[PresenceChange]:
-        if await self.choose() is not self.websocket:
-            raise _no_presence(self.url)
-        changes = self.websocket.presence_changes()
-        try:
-            async for change in changes:
-                yield change
-        finally:
-            await _aclose(changes)
+    def presence_changes(self) -> PresenceFeed:
+        async def check() -> None:
+            if await self.choose() is not self.websocket:
+                raise _no_presence(self.url)
+
+        return PresenceFeed(self.websocket, check)
 
 
 def _no_presence(url: str) -> PresenceUnavailable:
