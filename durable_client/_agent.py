@@ -19,6 +19,11 @@ reason: ``complete``, ``cancelled`` (text so far kept) or ``error``.
 
 Several agents, each with its own :class:`Session` and author, can answer in
 one session; each sees only the cancels that apply to its own replies.
+
+Where the session carries presence (WebSocket), the agent keeps its own
+status up to date: ``idle`` once it reads the session, ``thinking`` when a
+turn arrives, ``streaming`` while a reply writes, ``idle`` again when the
+last reply in progress ends.
 """
 
 from __future__ import annotations
@@ -125,6 +130,7 @@ class Agent:
             self._task = asyncio.get_running_loop().create_task(
                 self._read(), name=f"durable-agent:{self.author.id}"
             )
+            self.session._want_presence("idle")
         ready = asyncio.ensure_future(self._ready.wait())
         try:
             await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
@@ -174,6 +180,8 @@ class Agent:
         if isinstance(event, UserMessage):
             if event.author.id != self.author.id and self._accept(event):
                 self._turns.put_nowait(IncomingTurn(event, self))
+                if not self._replies:
+                    self.session._want_presence("thinking")
         elif isinstance(event, Cancel):
             for reply in list(self._replies.values()):
                 opener = self._opener(reply.turn_id)
@@ -337,6 +345,8 @@ class AgentReply:
             await self.start()
         if not text:
             return
+        if not self.text:
+            self._session._want_presence("streaming")
         self._buffer.append(text)
         self.text += text
         window = self.agent.rollup_window
@@ -426,6 +436,8 @@ class AgentReply:
             )
         self._flush()
         self.agent._replies.pop(self.turn_id, None)
+        if not self.agent._replies:
+            self._session._want_presence("idle")
         end = TurnEnd(
             author=self.agent.author,
             turn_id=self.turn_id,
