@@ -227,6 +227,8 @@ class Proxy:
                     await to_client
         except (OSError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # the proxy closed: this connection task simply ends
         finally:
             self._conns.discard(conn)
             for w in (writer, conn.upstream):

@@ -148,6 +148,16 @@ def _serve_in_thread(**overrides: object) -> Iterator[str]:
             errors.append(exc)
         finally:
             started.set()
+            # As asyncio.run() does: let tasks still winding down (a socket's
+            # subscriptions, cancelled as it closed) finish before the loop goes.
+            leftover = asyncio.all_tasks(loop)
+            for task in leftover:
+                task.cancel()
+
+            async def finish() -> None:
+                await asyncio.gather(*leftover, return_exceptions=True)
+
+            loop.run_until_complete(finish())
             loop.close()
 
     thread = threading.Thread(target=main, name="mock-server", daemon=True)
