@@ -356,12 +356,9 @@ class ChatApp(App[None]):
         self.notify(f"copied {self.session_id}")
 
     def action_simulate_disconnect(self) -> None:
-        session = self.session
-        drop = getattr(session, "drop_connections", None)
-        if drop is None:
-            self.notify("this client cannot simulate a disconnect", severity="warning")
+        if self.session is None:
             return
-        drop()
+        self.session.drop_connections()
         self.notify("connection dropped; watch it resume")
 
 
