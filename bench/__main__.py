@@ -3,6 +3,7 @@
     python -m bench                 the full run (a few minutes)
     python -m bench --quick         the same benchmarks, smaller (under a minute)
     python -m bench --only latency,catchup --json out.json --plot out.svg
+    python -m bench --quick --only fanout --profile prof/   # py-spy on our server
 
 Prints the machine and a table, writes JSON (``--json``) and an SVG plot
 (``--plot``). Progress goes to stderr. Exits 1 if any case failed.
@@ -12,7 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Coroutine
@@ -55,6 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="do not pin the servers and the load generator to separate cores",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record our server with py-spy during the run (DIR/server.speedscope.json)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -64,6 +75,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.names = names or list(BENCHMARKS)
     args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     return args
+
+
+def _start_py_spy(directory: Path, pid: int) -> tuple[subprocess.Popen[bytes], Path]:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / "server.speedscope.json"
+    recorder = subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--format", "speedscope", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return recorder, out
+
+
+def _stop_py_spy(recorder: subprocess.Popen[bytes]) -> None:
+    recorder.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    try:
+        recorder.wait(30)
+    except subprocess.TimeoutExpired:
+        recorder.kill()
+        recorder.wait(5)
+
+
+@contextlib.asynccontextmanager
+async def _profiling(directory: Path | None, server: ServerProcess, ctx: Context) -> Any:
+    """py-spy, recording ``server`` until the block ends (nothing if ``directory`` is None)."""
+    if directory is None:
+        yield
+        return
+    recorder, out = await asyncio.to_thread(_start_py_spy, directory, server.pid)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(_stop_py_spy, recorder)
+        ctx.say(f"server profile: {out}")
 
 
 def _loop() -> tuple[str, Any]:
@@ -109,9 +157,10 @@ async def _run(args: argparse.Namespace, pinning: Pinning, loop_name: str) -> in
         await asyncio.gather(*(asyncio.to_thread(server.start) for server in wanted))
         ctx.say(summary_line(machine))
         ctx.say(f"mode {args.mode}; {pinning.describe()}")
-        for name in args.names:
-            ctx.say(f"{name}:")
-            rows += await BENCHMARKS[name](ctx)
+        async with _profiling(args.profile, servers[OURS], ctx):
+            for name in args.names:
+                ctx.say(f"{name}:")
+                rows += await BENCHMARKS[name](ctx)
     finally:
         for server in servers.values():
             await asyncio.to_thread(server.stop)

@@ -8,7 +8,10 @@ process. docs/benchmarks.md explains what each one measures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
+import random
 import sys
 import time
 import uuid
@@ -16,28 +19,31 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import websockets
-
 from durable_client import (
-    Author,
+    AppendResult,
+    ConnectionState,
+    DurableStream,
     IdempotentProducer,
-    Session,
+    ProducerStamp,
+    SequenceGap,
+    WebSocketTransport,
 )
 
 from ._clients import (
-    RECONNECT,
     create_stream,
-    event,
     event_bytes,
     fill,
     http_client,
     new_name,
     read,
+    session,
+    websocket_transport,
 )
 from ._procs import NODE, OURS, Pinning, ServerProcess
-from ._report import RAW_WS, SDK, SESSION, UPSTREAM, Better, Row
+from ._rawhttp import RawHttpClient
+from ._report import RAW_HTTP, RAW_WS, SDK, SESSION, UPSTREAM, Better, Row
 from ._stats import Dist, quantile
-from ._wsclient import WsClient, WsError
+from ._wsclient import WsClient
 
 
 @dataclass(frozen=True)
@@ -65,18 +71,18 @@ class Sizes:
 
 SIZES: dict[str, Sizes] = {
     "full": Sizes(
-        latency_seconds=6.0,
+        latency_seconds=4.0,
         latency_warmup=1.0,
         single_rate=100.0,
         many_sessions=100,
         many_rate=5.0,
-        append_seconds=3.0,
-        producer_events=50_000,
+        append_seconds=2.0,
+        producer_events=30_000,
         ws_append_events=20_000,
         fanout=(1, 10, 100),
         fanout_events=2_000,
         catchup_events=100_000,
-        catchup_runs=3,
+        catchup_runs=2,
         resume_trials=30,
         storm_clients=300,
         memory_subscribers=300,
@@ -84,23 +90,23 @@ SIZES: dict[str, Sizes] = {
         settle=1.0,
     ),
     "quick": Sizes(
-        latency_seconds=1.5,
-        latency_warmup=0.5,
+        latency_seconds=0.7,
+        latency_warmup=0.3,
         single_rate=100.0,
         many_sessions=20,
         many_rate=5.0,
-        append_seconds=1.0,
-        producer_events=10_000,
-        ws_append_events=5_000,
+        append_seconds=0.5,
+        producer_events=5_000,
+        ws_append_events=3_000,
         fanout=(1, 10, 100),
         fanout_events=200,
         catchup_events=10_000,
-        catchup_runs=2,
+        catchup_runs=1,
         resume_trials=5,
         storm_clients=50,
         memory_subscribers=50,
         memory_events=10_000,
-        settle=0.5,
+        settle=0.3,
     ),
     "smoke": Sizes(
         latency_seconds=0.25,
@@ -215,13 +221,19 @@ async def _until_all(
 # --------------------------------------------------------------------------- latency
 
 
+#: The transport of the all-WebSocket latency case: appends over the socket too.
+WS_BOTH_WAYS = "ws, appends too"
+
+
 async def _latency_case(
     ctx: Context, server: str, client: str, transport: str, sessions: int, rate: float
 ) -> list[Row]:
-    """Append-to-delivery latency: each session gets ``rate`` events/s (HTTP POST,
-    one event each) and has one live reader; latency is the time from just
-    before the append to the reader receiving the batch with that event."""
+    """Append-to-delivery latency: each session gets ``rate`` events/s (one event
+    per append, with the SDK over HTTP; over the socket for ``WS_BOTH_WAYS``)
+    and has one live reader; latency is the time from just before the append
+    to the reader receiving the batch with that event."""
     sizes = ctx.sizes
+    ws_writer = transport == WS_BOTH_WAYS
     base = ctx.url(server)
     run = uuid.uuid4().hex[:20]
     names = [new_name("lat") for _ in range(sessions)]
@@ -231,12 +243,20 @@ async def _latency_case(
     received = [0] * sessions
     samples: list[float] = []
     all_in = [asyncio.Event() for _ in names]
-    async with http_client(sessions + 8) as writer_http, http_client(sessions + 8) as reader_http:
+    async with (
+        http_client(sessions + 8) as writer_http,
+        http_client(sessions + 8) as reader_http,
+        contextlib.AsyncExitStack() as stack,
+    ):
         streams = await asyncio.gather(*(create_stream(base, n, writer_http) for n in names))
+        sockets = [websocket_transport(base, n, writer_http) for n in names] if ws_writer else []
+        for socket in sockets:
+            stack.push_async_callback(socket.aclose)
+        read_as = "ws" if ws_writer else transport
 
         async def reader(k: int) -> None:
             got = sent[k]
-            async for messages in read(client, transport, base, names[k], reader_http):
+            async for messages in read(client, read_as, base, names[k], reader_http):
                 now = time.perf_counter()
                 for message in messages:
                     index = message["index"]
@@ -256,7 +276,10 @@ async def _latency_case(
                     await asyncio.sleep(delay)
                 body = event_bytes(i, run)
                 sent[k].append(time.perf_counter())
-                await streams[k].append(body)
+                if ws_writer:
+                    await sockets[k].send_batch([body], stamp=None)
+                else:
+                    await streams[k].append(body)
 
         readers = [asyncio.create_task(reader(k)) for k in range(sessions)]
         try:
@@ -289,7 +312,7 @@ def _readers_for(ctx: Context, server: str) -> list[tuple[str, str]]:
     """(client, transport) pairs that read live from ``server``."""
     pairs = [(SDK, "sse"), (SDK, "long-poll")]
     if server == OURS:
-        pairs.insert(0, (RAW_WS, "ws"))
+        pairs[:0] = [(SDK, "ws"), (SDK, WS_BOTH_WAYS)]
     if ctx.upstream:
         pairs += [(UPSTREAM, "sse"), (UPSTREAM, "long-poll")]
     return pairs
@@ -322,62 +345,112 @@ async def bench_latency(ctx: Context) -> list[Row]:
 # --------------------------------------------------------------------------- appends
 
 
-async def _append_sequential(ctx: Context, server: str) -> list[Row]:
-    """One append at a time (HTTP POST, one event each) for a fixed time."""
+async def _append_sequential(ctx: Context, server: str, client: str, transport: str) -> list[Row]:
+    """One append at a time (one event each) for a fixed time: with the SDK, or
+    with a bare client (whose round trip is mostly the server's own time)."""
     base = ctx.url(server)
     run = uuid.uuid4().hex[:20]
-    async with http_client(4) as http:
-        stream = await create_stream(base, new_name("seq"), http)
+    name = new_name("seq")
+    async with http_client(4) as http, contextlib.AsyncExitStack() as stack:
+        stream = await create_stream(base, name, http)
+        append: Callable[[bytes], Awaitable[Any]]
+        if client == RAW_HTTP:
+            raw = await stack.enter_async_context(RawHttpClient(stream.url))
+
+            async def append(body: bytes) -> None:
+                status = await raw.post(body)
+                if status not in (200, 204):
+                    raise RuntimeError(f"append answered {status}")
+
+        elif client == RAW_WS:
+            ws = await stack.enter_async_context(WsClient(base))
+
+            async def append(body: bytes) -> None:
+                await ws.append(name, json.loads(body))
+
+        elif transport == "ws":
+            socket = websocket_transport(base, name, http)
+            stack.push_async_callback(socket.aclose)
+
+            async def append(body: bytes) -> None:
+                await socket.send_batch([body], stamp=None)
+
+        else:
+            append = stream.append
         for i in range(50):  # warm-up: connections, caches
-            await stream.append(event_bytes(i, run))
+            await append(event_bytes(i, run))
         rtts: list[float] = []
         started = time.perf_counter()
         deadline = started + ctx.sizes.append_seconds
         while time.perf_counter() < deadline and len(rtts) < 1_000_000:
             body = event_bytes(len(rtts), run)
             t = time.perf_counter()
-            await stream.append(body)
+            await append(body)
             rtts.append(time.perf_counter() - t)
         elapsed = time.perf_counter() - started
     return [
         _row(
             "append",
             "one at a time",
-            "http",
+            transport,
             server,
-            SDK,
+            client,
             "append round trip",
             "ms",
             "lower",
             Dist.of(rtts, scale=1000),
-        ),
-        _row(
-            "append",
-            "one at a time",
-            "http",
-            server,
-            SDK,
-            "appended",
-            "ev/s",
-            "higher",
-            _single(len(rtts) / elapsed),
-        ),
+            **{"appended ev/s": len(rtts) / elapsed},
+        )
     ]
 
 
-async def _append_producer(ctx: Context, server: str) -> list[Row]:
-    """The SDK's IdempotentProducer (batched, pipelined): events arrive 50 at a
-    time as fast as the producer takes them; the rate counts until all are
-    acknowledged."""
+class _CountingSink:
+    """A producer's sink (a stream or a transport), counting requests and refusals."""
+
+    def __init__(self, sink: DurableStream | WebSocketTransport) -> None:
+        self.sink = sink
+        self.requests = 0
+        self.gaps = 0
+
+    @property
+    def url(self) -> str:
+        return self.sink.url
+
+    async def send_batch(
+        self, items: Sequence[bytes], *, stamp: ProducerStamp | None, close: bool = False
+    ) -> AppendResult:
+        self.requests += 1
+        try:
+            return await self.sink.send_batch(items, stamp=stamp, close=close)
+        except SequenceGap:
+            self.gaps += 1
+            raise
+
+
+async def _append_producer(ctx: Context, server: str, transport: str, in_flight: int) -> list[Row]:
+    """The SDK's IdempotentProducer (batched, pipelined), over HTTP or our
+    WebSocket: events arrive 50 at a time as fast as the producer takes them;
+    the rate counts until all are acknowledged. Also counts the requests and
+    the 409 sequence-gap refusals (pipelined requests that overtook each other)."""
     base = ctx.url(server)
     run = uuid.uuid4().hex[:20]
     total = ctx.sizes.producer_events
-    async with http_client(8) as http:
-        stream = await create_stream(base, new_name("prod"), http)
-        async with IdempotentProducer(stream, f"bench-{run}", linger=0.0) as producer:
+    name = new_name("prod")
+    async with http_client(8) as http, contextlib.AsyncExitStack() as stack:
+        stream = await create_stream(base, name, http)
+        if transport == "ws":
+            socket = websocket_transport(base, name, http)
+            stack.push_async_callback(socket.aclose)
+            sink = _CountingSink(socket)
+        else:
+            sink = _CountingSink(stream)
+        async with IdempotentProducer(
+            sink, f"bench-{run}", linger=0.0, max_in_flight=in_flight
+        ) as producer:
             for i in range(100):
                 producer.append(event_bytes(i, run))
             await producer.flush()
+            sink.requests = sink.gaps = 0
             started = time.perf_counter()
             async with asyncio.timeout(120):
                 pending: list[asyncio.Future[Any]] = []
@@ -391,111 +464,52 @@ async def _append_producer(ctx: Context, server: str) -> list[Row]:
                         await asyncio.sleep(0)
                 await producer.flush()
             elapsed = time.perf_counter() - started
+    default = " (the default)" if in_flight == 5 else ""
     return [
         _row(
             "append",
-            "batched producer",
-            "http",
+            f"batched producer, {in_flight} in flight{default}",
+            transport,
             server,
             SDK,
             "appended",
             "ev/s",
             "higher",
             _single(total / elapsed),
+            **{"requests": float(sink.requests), "409 gap refusals": float(sink.gaps)},
         )
-    ]
-
-
-async def _append_ws(ctx: Context) -> list[Row]:
-    """Appends over our WebSocket: one at a time (round trip), then pipelined
-    with 64 in flight (one event per frame)."""
-    base = ctx.url(OURS)
-    run = uuid.uuid4().hex[:20]
-    name = new_name("wsapp")
-    async with http_client(2) as http:
-        await create_stream(base, name, http)
-    async with WsClient(base) as ws:
-        for i in range(50):
-            await ws.append(name, event(i, run))
-        rtts: list[float] = []
-        started = time.perf_counter()
-        deadline = started + ctx.sizes.append_seconds
-        while time.perf_counter() < deadline and len(rtts) < 1_000_000:
-            data = event(len(rtts), run)
-            t = time.perf_counter()
-            await ws.append(name, data)
-            rtts.append(time.perf_counter() - t)
-        sequential = len(rtts) / (time.perf_counter() - started)
-        total = ctx.sizes.ws_append_events
-        window = asyncio.Semaphore(64)
-        futures: list[asyncio.Future[dict[str, Any]]] = []
-        started = time.perf_counter()
-        async with asyncio.timeout(120):
-            for i in range(total):
-                await window.acquire()
-                future = ws.append_nowait(name, event(i, run))
-                future.add_done_callback(lambda _: window.release())
-                futures.append(future)
-            acks = await asyncio.gather(*futures)
-        elapsed = time.perf_counter() - started
-        refused = [a for a in acks if a.get("type") != "ack"]
-        if refused:
-            raise WsError(f"{len(refused)} appends refused: {refused[0]}")
-    return [
-        _row(
-            "append",
-            "one at a time",
-            "ws",
-            OURS,
-            RAW_WS,
-            "append round trip",
-            "ms",
-            "lower",
-            Dist.of(rtts, scale=1000),
-        ),
-        _row(
-            "append",
-            "one at a time",
-            "ws",
-            OURS,
-            RAW_WS,
-            "appended",
-            "ev/s",
-            "higher",
-            _single(sequential),
-        ),
-        _row(
-            "append",
-            "pipelined, 64 in flight",
-            "ws",
-            OURS,
-            RAW_WS,
-            "appended",
-            "ev/s",
-            "higher",
-            _single(total / elapsed),
-        ),
     ]
 
 
 async def bench_append(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     for server in ctx.server_kinds:
+        pairs = [(RAW_HTTP, "http"), (SDK, "http")]
+        if server == OURS:
+            pairs += [(RAW_WS, "ws"), (SDK, "ws")]
+        for client, transport in pairs:
 
-        async def sequential(server: str = server) -> list[Row]:
-            return await _append_sequential(ctx, server)
+            async def sequential(
+                server: str = server, client: str = client, transport: str = transport
+            ) -> list[Row]:
+                return await _append_sequential(ctx, server, client, transport)
 
-        async def producer(server: str = server) -> list[Row]:
-            return await _append_producer(ctx, server)
+            rows += await ctx.case(
+                f"append one-at-a-time {transport} {server} {client}", sequential
+            )
+        producers = [("http", 5), ("http", 1)]
+        if server == OURS:
+            producers.append(("ws", 5))
+        for transport, in_flight in producers:
 
-        rows += await ctx.case(f"append one-at-a-time http {server}", sequential)
-        rows += await ctx.case(f"append producer http {server}", producer)
-    if OURS in ctx.servers:
+            async def producer(
+                server: str = server, transport: str = transport, in_flight: int = in_flight
+            ) -> list[Row]:
+                return await _append_producer(ctx, server, transport, in_flight)
 
-        async def ws() -> list[Row]:
-            return await _append_ws(ctx)
-
-        rows += await ctx.case("append ws ours", ws)
+            rows += await ctx.case(
+                f"append producer {transport} {in_flight} in flight {server}", producer
+            )
     return rows
 
 
@@ -568,7 +582,7 @@ async def bench_fanout(ctx: Context) -> list[Row]:
         for server in ctx.server_kinds:
             pairs = [(SDK, "sse")]
             if server == OURS:
-                pairs.insert(0, (RAW_WS, "ws"))
+                pairs.insert(0, (SDK, "ws"))
             for client, transport in pairs:
 
                 async def case(
@@ -586,17 +600,20 @@ async def bench_fanout(ctx: Context) -> list[Row]:
 # --------------------------------------------------------------------------- catch-up
 
 
-async def _catchup_read(client: str, transport: str, base: str, name: str, total: int) -> float:
-    """Seconds to read ``total`` events of ``name`` from the beginning."""
+async def _catchup_read(
+    client: str, transport: str, base: str, name: str, total: int, limit: int | None = None
+) -> float:
+    """Seconds to read ``total`` events of ``name`` from the beginning (or only
+    the first ``limit`` of them, for a warm-up)."""
+    total = min(total, limit or total)
     async with http_client(4) as http:
         started = time.perf_counter()
         count = 0
         async with asyncio.timeout(300):
             if client == SESSION:
-                session_id = name.removeprefix("sessions/")
                 async with (
-                    Session(base, session_id, author=Author.user("bench"), client=http) as session,
-                    session.subscribe("beginning") as events,
+                    session(base, name, http, transport) as reader,
+                    reader.subscribe("beginning") as events,
                 ):
                     async for _ in events:
                         count += 1
@@ -608,7 +625,7 @@ async def _catchup_read(client: str, transport: str, base: str, name: str, total
                     if count >= total:
                         break
         elapsed = time.perf_counter() - started
-    if count != total:
+    if count < total:
         raise RuntimeError(f"{client} read {count} of {total} events")
     return elapsed
 
@@ -624,11 +641,12 @@ async def bench_catchup(ctx: Context) -> list[Row]:
         async with http_client(2) as http:
             stream = await create_stream(base, name, http)
             await fill(stream, total, run)
-        readers = [(SDK, "http"), (SESSION, "http")]
+        # A Session over HTTP catches up over SSE (one connection from the start).
+        readers = [(SDK, "http"), (SESSION, "sse")]
         if ctx.upstream:
             readers.append((UPSTREAM, "http"))
         if server == OURS:
-            readers.append((RAW_WS, "ws"))
+            readers += [(SDK, "ws"), (SESSION, "ws")]
         for client, transport in readers:
 
             async def case(
@@ -638,7 +656,8 @@ async def bench_catchup(ctx: Context) -> list[Row]:
                 name: str = name,
             ) -> list[Row]:
                 base = ctx.url(server)
-                await _catchup_read(client, transport, base, name, total)  # warm-up
+                # Warm-up: code paths, caches, and the server's first read of the stream.
+                await _catchup_read(client, transport, base, name, total, limit=10_000)
                 seconds = [
                     await _catchup_read(client, transport, base, name, total)
                     for _ in range(ctx.sizes.catchup_runs)
@@ -666,21 +685,15 @@ async def bench_catchup(ctx: Context) -> list[Row]:
 
 @dataclass
 class _Follower:
-    """A live reader that records when each event index arrived and its retry delays."""
+    """A live Session reader: when each event index arrived, and the retry delays."""
 
     arrivals: dict[int, float] = field(default_factory=dict)
-    delays: list[tuple[float, float]] = field(default_factory=list)  # (when, delay)
-    first: asyncio.Event = field(default_factory=asyncio.Event)
+    delays: list[float] = field(default_factory=list)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def on_retry(self, attempt: int, delay: float, error: BaseException) -> None:
-        self.delays.append((time.perf_counter(), delay))
-
-    def got(self, messages: Sequence[Any]) -> None:
-        now = time.perf_counter()
-        for message in messages:
-            self.arrivals.setdefault(message["index"], now)
-        self.first.set()
+    def got(self, index: int) -> None:
+        self.arrivals.setdefault(index, time.perf_counter())
         self.changed.set()
 
     async def wait_for(self, index: int, timeout: float) -> float:
@@ -692,36 +705,31 @@ class _Follower:
 
 
 async def _follow(
-    follower: _Follower, client: str, transport: str, base: str, name: str, http: Any
+    follower: _Follower, transport: str, base: str, name: str, http: Any, seed: int
 ) -> None:
-    """Follow ``name`` until cancelled, resuming after every reset.
+    """Follow ``name`` with a Session until cancelled; it resumes after every
+    reset by itself. The jitter is seeded, so each server sees the same delays."""
+    async with session(base, name, http, transport, rng=random.Random(seed)) as reader:
 
-    The SDK reader resumes by itself; the raw WebSocket client is resumed here
-    from the offset of its last data frame, with the SDK's reconnect policy.
-    """
-    if client != RAW_WS:
-        async for messages in read(client, transport, base, name, http, on_retry=follower.on_retry):
-            follower.got(messages)
-        return
-    offset = "-1"
-    failures = 0
-    while True:
+        async def watch() -> None:
+            async for status in reader.status_changes():
+                if status.state is ConnectionState.CONNECTED:
+                    follower.connected.set()
+                elif status.delay is not None:
+                    follower.delays.append(status.delay)
+
+        watcher = asyncio.create_task(watch())
         try:
-            async with WsClient(base) as ws:
-                async for frame in ws.subscribe(name, offset):
-                    failures = 0
-                    follower.got(frame.get("messages") or ())
-                    offset = frame["offset"]
-        except (WsError, OSError, websockets.WebSocketException) as exc:
-            failures += 1
-            delay = RECONNECT.delay(failures)
-            follower.on_retry(failures, delay, exc)
-            await asyncio.sleep(delay)
+            async with reader.subscribe("beginning") as events:
+                async for item in events:
+                    index = getattr(item, "index", None)
+                    if isinstance(index, int):
+                        follower.got(index)
+        finally:
+            await _cancel([watcher])
 
 
-async def _resume_case(
-    ctx: Context, server: str, client: str, transport: str, trials: int
-) -> list[Row]:
+async def _resume_case(ctx: Context, server: str, transport: str, trials: int) -> list[Row]:
     """Reset the reader's connection (a TCP RST from a proxy), append one event
     straight to the server, and time until the reader has it."""
     from mock_server.chaos.proxy import ChaosProxy
@@ -738,9 +746,7 @@ async def _resume_case(
     ):
         stream = await create_stream(base, name, writer_http)
         follower = _Follower()
-        task = asyncio.create_task(
-            _follow(follower, client, transport, proxy.url, name, reader_http)
-        )
+        task = asyncio.create_task(_follow(follower, transport, proxy.url, name, reader_http, 7))
         try:
             await stream.append(event_bytes(0, run))
             await follower.wait_for(0, 10)
@@ -755,7 +761,7 @@ async def _resume_case(
                 await stream.append(event_bytes(k, run))
                 arrived = await follower.wait_for(k, 15)
                 resumes.append(arrived - reset_at)
-                delays.append(sum(d for _, d in follower.delays[before:]))
+                delays.append(sum(follower.delays[before:]))
         finally:
             await _cancel([task])
     return [
@@ -764,7 +770,7 @@ async def _resume_case(
             "connection reset, then 1 event",
             transport,
             server,
-            client,
+            SESSION,
             "reset to first missed event",
             "ms",
             "lower",
@@ -779,20 +785,19 @@ async def _resume_case(
     ]
 
 
+def _live_transports(server: str) -> list[str]:
+    return ["ws", "sse", "long-poll"] if server == OURS else ["sse", "long-poll"]
+
+
 async def bench_resume(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     for server in ctx.server_kinds:
-        pairs = [(SDK, "sse"), (SDK, "long-poll")]
-        if server == OURS:
-            pairs.insert(0, (RAW_WS, "ws"))
-        for client, transport in pairs:
+        for transport in _live_transports(server):
 
-            async def case(
-                server: str = server, client: str = client, transport: str = transport
-            ) -> list[Row]:
-                return await _resume_case(ctx, server, client, transport, ctx.sizes.resume_trials)
+            async def case(server: str = server, transport: str = transport) -> list[Row]:
+                return await _resume_case(ctx, server, transport, ctx.sizes.resume_trials)
 
-            rows += await ctx.case(f"resume {transport} {server} {client}", case)
+            rows += await ctx.case(f"resume {transport} {server} session", case)
     if ctx.upstream:
         ctx.skipped.append(
             "resume and storm with the upstream client: durable-streams 0.1.0 does not reconnect "
@@ -804,12 +809,10 @@ async def bench_resume(ctx: Context) -> list[Row]:
 # --------------------------------------------------------------------------- storm
 
 
-async def _storm_case(
-    ctx: Context, server: str, client: str, transport: str, clients: int
-) -> list[Row]:
-    """``clients`` live readers (10 per session) are all reset at once; one
-    event is appended to every session; how long until each reader has it, and
-    how spread out the reconnects are (when the proxy accepted them)."""
+async def _storm_case(ctx: Context, server: str, transport: str, clients: int) -> list[Row]:
+    """``clients`` live Session readers (10 per session) are all reset at once;
+    one event is appended to every session; how long until each reader has it,
+    and how spread out the reconnects are (when the proxy accepted them)."""
     from mock_server.chaos.proxy import ChaosProxy
 
     base = ctx.url(server)
@@ -825,12 +828,12 @@ async def _storm_case(
         followers = [_Follower() for _ in range(clients)]
         tasks = [
             asyncio.create_task(
-                _follow(f, client, transport, proxy.url, names[k % len(names)], reader_http)
+                _follow(f, transport, proxy.url, names[k % len(names)], reader_http, k)
             )
             for k, f in enumerate(followers)
         ]
         try:
-            await _until_all([f.first for f in followers], tasks, 60)
+            await _until_all([f.connected for f in followers], tasks, 60)
             await asyncio.sleep(min(0.3, ctx.sizes.settle))  # every reader parked
             _raise_failed(tasks)
             reset_mono = time.monotonic()
@@ -860,7 +863,7 @@ async def _storm_case(
             f"{clients} clients reset at once",
             transport,
             server,
-            client,
+            SESSION,
             "back and caught up",
             "ms",
             "lower",
@@ -873,17 +876,14 @@ async def _storm_case(
 async def bench_storm(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     for server in ctx.server_kinds:
-        pairs = [(SDK, "sse")]
-        if server == OURS:
-            pairs.insert(0, (RAW_WS, "ws"))
-        for client, transport in pairs:
+        for transport in _live_transports(server):
+            if transport == "long-poll":
+                continue  # a storm of parked long-polls is the SSE case, minus the stream
 
-            async def case(
-                server: str = server, client: str = client, transport: str = transport
-            ) -> list[Row]:
-                return await _storm_case(ctx, server, client, transport, ctx.sizes.storm_clients)
+            async def case(server: str = server, transport: str = transport) -> list[Row]:
+                return await _storm_case(ctx, server, transport, ctx.sizes.storm_clients)
 
-            rows += await ctx.case(f"storm {transport} {server} {client}", case)
+            rows += await ctx.case(f"storm {transport} {server} session", case)
     return rows
 
 
@@ -994,7 +994,7 @@ async def bench_memory(ctx: Context) -> list[Row]:
     for kind in ctx.server_kinds:
         pairs = [(SDK, "sse"), (SDK, "long-poll")]
         if kind == OURS:
-            pairs.insert(0, (RAW_WS, "ws"))
+            pairs.insert(0, (SDK, "ws"))
         cases += [(kind, client, transport) for client, transport in pairs]
         cases.append((kind, SDK, "events"))
     fresh = [ServerProcess(kind, ctx.pinning) for kind, _, _ in cases]

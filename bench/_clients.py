@@ -1,9 +1,12 @@
 """The clients under test, behind one shape: an async iterator of message lists.
 
-- ``sdk``: our SDK's stream client, ``DurableStream.follow`` (SSE or long-poll);
+- ``sdk``: our SDK at the stream level: ``DurableStream.follow`` (SSE,
+  long-poll, plain catch-up reads) and ``WebSocketTransport.subscribe`` (ws);
+- ``session``: our SDK's ``Session.subscribe``, what apps use (events parsed,
+  exactly once, resumed after any failure);
 - ``upstream``: the upstream Python client, ``durable_streams.astream``;
-- ``raw-ws``: the minimal WebSocket client in :mod:`bench._wsclient`;
-- ``session``: our SDK's ``Session.subscribe`` (catch-up only).
+- (the bare clients, :mod:`bench._rawhttp` and :mod:`bench._wsclient`, are
+  used directly for the server's own cost of an append).
 
 Every reader yields the messages of each batch as it arrives, so the caller
 timestamps deliveries the same way for all of them.
@@ -14,16 +17,24 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import random
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, cast
 
 import httpx
 
-from durable_client import DurableStream, ReadBatch, ReconnectPolicy
+from durable_client import (
+    Author,
+    DurableStream,
+    ReadBatch,
+    ReconnectPolicy,
+    Session,
+    TransportBatch,
+    WebSocketTransport,
+)
 
-from ._report import RAW_WS, SDK, UPSTREAM
-from ._wsclient import WsClient
+from ._report import SDK, UPSTREAM
 
 JSON = "application/json"
 AUTHOR = {"id": "bench-agent", "kind": "agent", "name": "bench"}
@@ -87,6 +98,30 @@ async def fill(stream: DurableStream, count: int, run: str, *, batch: int = 1000
 OnRetry = Callable[[int, float, BaseException], None]
 
 
+def websocket_transport(base: str, name: str, http: httpx.AsyncClient) -> WebSocketTransport:
+    """The SDK's WebSocket transport for stream ``name`` (HTTP only for create and tail)."""
+    return WebSocketTransport(DurableStream(stream_url(base, name), client=http, content_type=JSON))
+
+
+def session(
+    base: str,
+    name: str,
+    http: httpx.AsyncClient,
+    transport: str,
+    *,
+    rng: random.Random | None = None,
+) -> Session:
+    """A ``Session`` on stream ``name`` over ``transport`` (ws, sse or long-poll)."""
+    session_id = name.removeprefix("sessions/")
+    author = Author.user("bench-reader")
+    if transport == "ws":
+        return Session(base, session_id, author=author, client=http, transport="websocket", rng=rng)
+    live: Any = transport
+    return Session(
+        base, session_id, author=author, client=http, transport="http", live=live, rng=rng
+    )
+
+
 async def read(
     client: str,
     transport: str,
@@ -105,6 +140,18 @@ async def read(
     (``on_retry`` is told the delays); the others do not.
     """
     url = stream_url(base, name)
+    if client == SDK and transport == "ws":
+        ws = websocket_transport(base, name, http)
+        try:
+            frames = cast(AsyncGenerator[TransportBatch, None], ws.subscribe(offset))
+            async with contextlib.aclosing(frames):
+                async for frame in frames:
+                    yield frame.messages
+                    if not live and frame.up_to_date:
+                        return
+        finally:
+            await ws.aclose()
+        return
     if client == SDK:
         stream = DurableStream(url, client=http, content_type=JSON, reconnect=RECONNECT)
         mode: Any = transport if live else False
@@ -123,12 +170,5 @@ async def read(
         async with astream(url, offset=offset, live=upstream_live, client=http) as response:
             async for items in response.iter_json_batches():
                 yield items
-        return
-    if client == RAW_WS:
-        async with WsClient(base) as ws:
-            async for frame in ws.subscribe(name, offset):
-                yield frame.get("messages") or ()
-                if not live and frame.get("up_to_date"):
-                    return
         return
     raise ValueError(f"unknown client {client!r}")

@@ -13,11 +13,12 @@ from ._stats import Dist
 
 Better = Literal["lower", "higher"]
 
-#: Client names in rows: our SDK's stream client, our SDK's Session, the raw
-#: WebSocket client in bench/, and the upstream Python client.
+#: Client names in rows: our SDK's stream client, our SDK's Session, the bare
+#: WebSocket and HTTP clients in bench/, and the upstream Python client.
 SDK = "sdk"
 SESSION = "session"
 RAW_WS = "raw-ws"
+RAW_HTTP = "raw-http"
 UPSTREAM = "upstream"
 
 
@@ -75,9 +76,10 @@ def add_ratios(rows: list[Row]) -> None:
             if peer is not None and (f := factor(row, peer)) is not None:
                 row.ratios["upstream"] = f
         if transport == "ws" and server == OURS:
-            peer = index.get((bench, case, "sse", OURS, SDK, metric))
-            if peer is not None and (f := factor(row, peer)) is not None:
-                row.ratios["our sse"] = f
+            for other in ("sse", "http"):
+                peer = index.get((bench, case, other, OURS, client, metric))
+                if peer is not None and (f := factor(row, peer)) is not None:
+                    row.ratios[f"our {other}"] = f
 
 
 def _number(value: float | None) -> str:
