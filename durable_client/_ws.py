@@ -768,11 +768,10 @@ class WebSocketTransport:
         name = frame.stream.removeprefix(P.STREAM_PATH_PREFIX)
         if name != self.stream_name:
             return
-        if frame.event == "snapshot":
-            changes = _diff(self._members, tuple(frame.members))
-        else:
-            assert frame.member is not None
-            changes = [PresenceChange(frame.event, frame.member, tuple(frame.members))]
+        # Every frame carries the full list: reporting the difference to what
+        # we knew turns a snapshot (on subscribe, after a reconnect) into the
+        # joins and leaves it implies, and a join we already heard of into nothing.
+        changes = _diff(self._members, tuple(frame.members))
         self._members = tuple(frame.members)
         for change in changes:
             for feed in list(self._listeners):
