@@ -30,7 +30,7 @@ for number, path in enumerate(sys.argv[1:]):
 """
 
 
-async def test_quickstart_programs_run(server_url: str, tmp_path: Path) -> None:
+async def test_quickstart_programs_run(server_url: str, server_kind: str, tmp_path: Path) -> None:
     """Each program, as a reader would run it, one after the other in one process."""
     originals = python_blocks("sdk-quickstart.md")
     paths = []
@@ -78,6 +78,12 @@ async def test_quickstart_programs_run(server_url: str, tmp_path: Path) -> None:
             assert "line 4" in section
         if "status_changes" in original:
             assert "connection: connected" in section
+        if "presence_changes" in original:
+            if server_kind == "reference":  # HTTP only
+                assert "no presence over sse" in section, section
+            else:
+                assert "join helper thinking" in section, section
+                assert "over websocket" in section, section
 
 
 def test_session_events_example_runs() -> None:
