@@ -650,7 +650,9 @@ class Session:
     def presence_changes(self) -> AsyncIterator[PresenceChange]:
         """Every join, status update and leave from this call on (none is
         missed before the first ``anext``), each with the full member list
-        after it, until the session closes. ``aclose()`` it to stop early.
+        after it, until the session closes. The first snapshot the session
+        hears reports everyone already present as joins. Stop iterating
+        whenever you like: a feed nobody holds is dropped.
 
         Raises :class:`PresenceUnavailable` (on first iteration) over HTTP.
         Changes missed while reconnecting are reported from the fresh snapshot.

@@ -305,6 +305,7 @@ class _Socket:
             error = _close_error(protocol.close_rcvd, protocol.close_sent, url=self.url)
         except ConnectionClosed as exc:
             error = _close_error(exc.rcvd, exc.sent, url=self.url)
+            error.__cause__ = exc  # raised later, from every iterator and append pending
         except DurableError as exc:
             error = exc
             self.ws.transport.abort()
@@ -873,6 +874,9 @@ class AutoTransport:
     The choice is made on first use (a subscription, an append, presence): a
     WebSocket handshake refused with an HTTP status means HTTP for good; a
     failure to connect at all decides nothing (it is retried like any other).
+    A server that refuses a later handshake (redeployed without WebSocket,
+    or a balancer that sent the reconnect elsewhere) turns the session to
+    HTTP from then on as well.
     """
 
     def __init__(self, http: HttpTransport, websocket: WebSocketTransport) -> None:
@@ -913,11 +917,28 @@ class AutoTransport:
                         self.websocket.want_presence(self._wanted)
             return self._chosen
 
+    def _refused(self) -> HttpTransport:
+        self._chosen = self.http
+        return self.http
+
     async def subscribe(self, offset: str) -> AsyncIterator[TransportBatch]:
         transport = await self.choose()
         batches = transport.subscribe(offset)
+        started = False
         try:
-            async for batch in batches:
+            while True:
+                try:
+                    batch = await anext(batches)
+                except StopAsyncIteration:
+                    return
+                except _HandshakeRefused:
+                    if started or transport is not self.websocket:
+                        raise
+                    await _aclose(batches)
+                    transport = self._refused()
+                    batches = transport.subscribe(offset)
+                    continue
+                started = True
                 yield batch
         finally:
             await _aclose(batches)
@@ -926,7 +947,12 @@ class AutoTransport:
         self, items: Sequence[bytes], *, stamp: ProducerStamp | None, close: bool = False
     ) -> AppendResult:
         transport = await self.choose()
-        return await transport.send_batch(items, stamp=stamp, close=close)
+        try:
+            return await transport.send_batch(items, stamp=stamp, close=close)
+        except _HandshakeRefused:
+            if transport is not self.websocket:
+                raise
+        return await self._refused().send_batch(items, stamp=stamp, close=close)
 
     def drop_connections(self) -> None:
         if self._chosen is self.websocket:

@@ -141,6 +141,23 @@ async def test_forcing_websocket_where_it_is_refused_fails_clearly(
         assert session.status.state is ConnectionState.FAILED
 
 
+async def test_a_server_that_stops_offering_websocket_turns_the_session_to_http(
+    unique: Callable[[str], str],
+) -> None:
+    async with serve() as running, session_at(running.url, unique("redeploy")) as session:
+        await session.create()
+        async with session.subscribe() as events:
+            await session.send_message("over websocket")
+            assert await take(events, 1) == ["over websocket"]
+            assert session.transport_name == "websocket"
+            running.app.websocket_handler = None  # as if redeployed without it
+            session.drop_connections()
+            await session.send_message("over http")
+            assert await take(events, 1) == ["over http"]
+        assert session.transport_name == "sse"
+        assert session.presence_available is False
+
+
 def test_transport_choices_are_checked() -> None:
     with pytest.raises(UsageError):
         Session("http://127.0.0.1:1", "s", author=ANN, transport="pigeon")  # type: ignore[arg-type]
