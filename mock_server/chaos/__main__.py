@@ -200,6 +200,10 @@ async def _run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# As in tests/chaos/test_seeded.py: the seed picks the transport, then live or replay.
+_ROTATION: tuple[Transport, ...] = ("sse", "long-poll", "ws")
+
+
 async def _soak(args: argparse.Namespace) -> int:
     started = time.monotonic()
     results: list[ScenarioResult] = []
@@ -207,14 +211,14 @@ async def _soak(args: argparse.Namespace) -> int:
         if faults is None and not admin:
             _say(f"warning: {url} has no /_chaos admin endpoint; only proxy faults will run")
         for seed in range(args.first_seed, args.first_seed + args.plans):
-            transport: Transport = "sse" if seed % 2 == 0 else "long-poll"
+            transport = _ROTATION[seed % 3]
             result = await run_scenario(
                 url,
                 FaultPlan.random(seed, events=args.events),
                 path=f"soak-{seed}-{int(started)}",
                 events=args.events,
                 transport=transport,
-                live=(seed // 2) % 2 == 0,
+                live=(seed // 3) % 2 == 0,
                 faults=faults,
                 admin=admin,
                 timeout=120,
