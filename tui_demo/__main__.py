@@ -40,6 +40,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def terminal_label(name: str) -> str:
+    """How this terminal shows in presence: the name and the terminal, e.g. ``ada (pts/3)``."""
+    try:
+        tty = os.ttyname(sys.stdin.fileno()).removeprefix("/dev/")
+    except OSError:
+        return name
+    return f"{name} ({tty})"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     home = data_dir()
@@ -74,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         user=user,
         new=args.session is None,
         launcher=os.environ.get("DURABLE_CHAT_LAUNCHER", "python -m tui_demo"),
+        label=terminal_label(args.name),
     )
     ChatApp(config).run()
 

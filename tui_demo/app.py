@@ -31,6 +31,8 @@ from durable_client import (
     Author,
     DurableError,
     DurableStream,
+    Member,
+    PresenceUnavailable,
     ReplyStatus,
     Session,
     SteerMode,
@@ -67,6 +69,7 @@ class ChatConfig:
     user: Author
     new: bool  # start this session (create and announce it) rather than join it
     launcher: str = "python -m tui_demo"  # how the join hint tells others to start the app
+    label: str = ""  # how this terminal appears in presence (default: the user's name)
 
 
 class SessionHeader(Static):
@@ -162,6 +165,7 @@ class ChatApp(App[None]):
         self.session_id = config.session_id
         self.session: Session | None = None
         self.transcript = Transcript()
+        self.members: tuple[Member, ...] = ()
         self._new = config.new
 
     # ------------------------------------------------------------------ layout
@@ -206,6 +210,7 @@ class ChatApp(App[None]):
     def start_session(self) -> None:
         self._show_header()
         self.transcript = Transcript()
+        self.members = ()
         self.run_session(self.session_id, self._new)
 
     @work(exclusive=True, group="session")
@@ -216,6 +221,7 @@ class ChatApp(App[None]):
         session = Session(config.server, session_id, author=config.user)
         self.session = session
         watcher = asyncio.create_task(self._watch_status(session))
+        presence: asyncio.Task[None] | None = None
         try:
             if new:
                 await session.create()
@@ -234,6 +240,7 @@ class ChatApp(App[None]):
                 )
                 return
             async with session.subscribe(start="beginning") as events:
+                presence = asyncio.create_task(self._presence(session))
                 caught_up = False
                 async for event in events:
                     # History is rendered in one go when it has all arrived; from
@@ -253,8 +260,27 @@ class ChatApp(App[None]):
             await chat.mount(Note(f"✖ {exc}"))
         finally:
             watcher.cancel()
+            if presence is not None:
+                presence.cancel()
             with contextlib.suppress(DurableError):
                 await session.aclose()
+
+    async def _presence(self, session: Session) -> None:
+        """Join the session's presence and keep the status bar's "here" up to date."""
+        try:
+            changes = session.presence_changes()
+            await session.set_presence("idle", label=self.config.label or None, kind="user")
+            self._show_members(session.members)
+            async for change in changes:
+                self._show_members(change.members)
+        except PresenceUnavailable:
+            self.status_bar.people = "(presence needs WebSocket)"
+
+    def _show_members(self, members: tuple[Member, ...]) -> None:
+        self.members = members
+        users = [m.label or m.client_id for m in members if m.kind == "user"]
+        self.status_bar.people = ", ".join(users) if users else ""
+        self._update_agent_status()
 
     async def _exists(self, url: str) -> bool:
         async with DurableStream(url) as stream:
@@ -272,7 +298,12 @@ class ChatApp(App[None]):
         self.refresh_bindings()
 
     def agent_status(self) -> str:
-        """``streaming``, ``thinking`` (a message waits for a reply) or ``idle``, from the log."""
+        """What the agents are doing: their presence status where the server offers presence
+        (``Assistant: streaming``), else derived from the log (``streaming``, ``thinking``
+        while a message waits for a reply, ``idle``)."""
+        agents = [m for m in self.members if m.kind == "agent"]
+        if agents:
+            return ", ".join(f"{m.label or m.client_id} {m.status}" for m in agents)
         for turn in reversed(self.transcript.turns):
             if any(r.status is ReplyStatus.STREAMING for r in turn.replies.values()):
                 return "streaming"

@@ -283,9 +283,9 @@ class StatusBar(Static):
     def refresh_text(self) -> None:
         text = self.connection_text()
         text.append(f"  ·  offset {self.position}", style="dim")
-        text.append(f"  ·  agent: {self.agents}")
         if self.people:
             text.append(f"  ·  here: {self.people}")
+        text.append(f"  ·  agent: {self.agents}")
         self.update(text)
 
 

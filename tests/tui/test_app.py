@@ -32,7 +32,8 @@ async def test_a_message_gets_a_streamed_reply(chat: Chat) -> None:
         assert turn.message is not None
         assert turn.message.text == QUESTION
         assert reply.text == turn.replies["assistant"].text  # the view shows what the log holds
-        assert app.query_one(StatusBar).agents == "idle"
+        bar = app.query_one(StatusBar)
+        await wait_for(pilot, lambda: bar.agents == "Assistant idle")  # from presence
 
 
 async def test_two_terminals_show_the_same_conversation(chat: Chat) -> None:
@@ -137,3 +138,16 @@ async def test_joining_a_missing_session_says_so(chat: Chat) -> None:
         await wait_for(
             pilot, lambda: "was not found" in " ".join(str(n.render()) for n in chat_log.children)
         )
+
+
+async def test_each_terminal_sees_who_else_is_here(chat: Chat) -> None:
+    chat.start_agent()
+    alice, bob = chat.app("alice"), chat.app("bob")
+    async with alice.run_test(size=(100, 40)) as pa, bob.run_test(size=(100, 40)) as pb:
+        bar_a, bar_b = alice.query_one(StatusBar), bob.query_one(StatusBar)
+        await wait_for(pa, lambda: bar_a.people == "alice, bob" or bar_a.people == "bob, alice")
+        await wait_for(pb, lambda: sorted(bar_b.people.split(", ")) == ["alice", "bob"])
+        await wait_for(pa, lambda: bar_a.agents == "Assistant idle")  # the agent's presence
+        assert alice.session is not None
+        assert alice.session.transport_name == "websocket"
+    # bob's app closed: alice's would show bob leaving (covered in the SDK and server tests)

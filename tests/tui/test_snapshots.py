@@ -72,6 +72,7 @@ async def test_snapshot_completed_reply(chat: Chat, update: bool) -> None:
     async with app.run_test(size=SIZE) as pilot:
         await send(pilot, "How do offsets make reconnects safe?")
         await wait_for(pilot, lambda: reply_status(app) == "complete")
+        await wait_for(pilot, lambda: app.query_one(StatusBar).agents == "Assistant idle")
         await check(pilot, "completed_reply", update)
 
 
@@ -84,4 +85,5 @@ async def test_snapshot_stopped_reply(chat: Chat, update: bool) -> None:
         await wait_for(pilot, lambda: bool(replies(app)) and bool(replies(app)[0].text))
         await pilot.press("escape")
         await wait_for(pilot, lambda: reply_status(app) == "cancelled")
+        await wait_for(pilot, lambda: app.query_one(StatusBar).agents == "Assistant idle")
         await check(pilot, "stopped_reply", update)
