@@ -53,6 +53,13 @@ def _finite(value: float | int | None) -> float | int | None:
     return value
 
 
+#: Which HTTP row a WebSocket row is compared with (same server, same client).
+_HTTP_COUNTERPART = {
+    "ws": ("sse", "http"),
+    "ws, SDK appends over ws": ("sse, SDK appends over http",),
+}
+
+
 def factor(ours: Row, peer: Row) -> float | None:
     """How many times better ``ours`` is than ``peer`` (> 1: ours wins), by median."""
     a, b = ours.dist.median, peer.dist.median
@@ -75,11 +82,11 @@ def add_ratios(rows: list[Row]) -> None:
             peer = index.get((bench, case, transport, server, UPSTREAM, metric))
             if peer is not None and (f := factor(row, peer)) is not None:
                 row.ratios["upstream"] = f
-        if transport == "ws" and server == OURS:
-            for other in ("sse", "http"):
+        if server == OURS:
+            for other in _HTTP_COUNTERPART.get(transport, ()):
                 peer = index.get((bench, case, other, OURS, client, metric))
                 if peer is not None and (f := factor(row, peer)) is not None:
-                    row.ratios[f"our {other}"] = f
+                    row.ratios[f"our {other.split(',')[0]}"] = f
 
 
 def _number(value: float | None) -> str:
