@@ -353,7 +353,7 @@ class AgentReply:
         if window <= 0:
             self._flush()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(window, self._flush)
+            self._timer = asyncio.get_running_loop().call_later(window, self._flush_later)
 
     async def stream(self, tokens: AsyncIterable[str]) -> EndReason:
         """Write every token of ``tokens``; stop at once if a cancel arrives.
@@ -448,6 +448,14 @@ class AgentReply:
             else None,
         )
         return self._publish(end, track=False)
+
+    def _flush_later(self) -> None:
+        """The rollup timer's callback. If the session was closed meanwhile the text
+        has nowhere to go; raising here would only reach the event loop's log."""
+        try:
+            self._flush()
+        except ClientClosed:
+            self._buffer.clear()
 
     def _flush(self) -> None:
         if self._timer is not None:
