@@ -513,19 +513,41 @@ async def test_drop_connections_loses_and_duplicates_nothing(
         session_at(ours_url, session_id, BOB) as writer,
     ):
         await reader.create()
+        states: list[ConnectionState] = []
+
+        async def watch() -> None:
+            async for status in reader.status_changes():
+                states.append(status.state)
+
+        watcher = asyncio.create_task(watch())
         async with reader.subscribe() as events:
             for i in range(3):
                 await writer.send_message(f"w{i}")
             got = await take(events, 2)
-            # Publishes in flight while the connections drop are retried, never duplicated.
+            # Publishes in flight while the connections drop are retried, never
+            # duplicated: the drop comes from inside the first append's request.
+            transport_of_reader: Any = reader._transport
+            send_batch = transport_of_reader.send_batch
+            drops: list[int] = []
+
+            async def send_and_drop(*args: Any, **kwargs: Any) -> Any:
+                if not drops:
+                    drops.append(len(reader._links))  # the live read and this append
+                    reader.drop_connections()
+                return await send_batch(*args, **kwargs)
+
+            transport_of_reader.send_batch = send_and_drop
             pending = [
                 reader.publish_nowait(UserMessage(author=ANN, text=f"r{i}")) for i in range(5)
             ]
-            reader.drop_connections()
             await asyncio.gather(*pending)
+            assert drops == [2]
             await writer.send_message("after")
             got += await take(events, 7)
         assert reader.transport_name == ("websocket" if transport == "websocket" else "sse")
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    assert ConnectionState.RECONNECTING in states[states.index(ConnectionState.CONNECTED) :]
     assert got[:3] == ["w0", "w1", "w2"]
     assert sorted(got[3:]) == sorted([*(f"r{i}" for i in range(5)), "after"])
     assert got.index("r0") < got.index("r4")
