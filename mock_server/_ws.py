@@ -463,8 +463,11 @@ class Connection:
                 self.store.touch(state)
 
     async def close_all(self) -> None:
-        for task in list(self.subscriptions.values()):
+        tasks = list(self.subscriptions.values())
+        for task in tasks:
             task.cancel()
+        # Wait for them: a server whose loop closes next must not leave them pending.
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.hub.drop(self)
 
 
