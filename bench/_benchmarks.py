@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from durable_client import (
     AppendResult,
     ConnectionState,
@@ -186,6 +188,14 @@ def _single(value: float) -> Dist:
     return Dist(value, None, value, value, 1)
 
 
+async def _clients(stack: contextlib.AsyncExitStack, count: int) -> list[httpx.AsyncClient]:
+    """One HTTP client per reader, as independent users have. (One shared
+    client costs the load generator more than the readers do: httpx's pool
+    does work in proportion to the connections in use on every request, so 100
+    long-polls on one client keep a core busy.)"""
+    return [await stack.enter_async_context(http_client(4)) for _ in range(count)]
+
+
 async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
     for task in tasks:
         task.cancel()
@@ -250,9 +260,9 @@ async def _latency_case(
     all_in = [asyncio.Event() for _ in names]
     async with (
         http_client(sessions + 8) as writer_http,
-        http_client(sessions + 8) as reader_http,
         contextlib.AsyncExitStack() as stack,
     ):
+        reader_http = await _clients(stack, sessions)
         streams = await asyncio.gather(*(create_stream(base, n, writer_http) for n in names))
         appends: list[Callable[[bytes], Awaitable[Any]]] = []
         for name, stream in zip(names, streams, strict=True):
@@ -268,7 +278,7 @@ async def _latency_case(
 
         async def reader(k: int) -> None:
             got = sent[k]
-            async for messages in read(client, read_as, base, names[k], reader_http):
+            async for messages in read(client, read_as, base, names[k], reader_http[k]):
                 now = time.perf_counter()
                 for message in messages:
                     index = message["index"]
@@ -552,11 +562,12 @@ async def _fanout_case(
     counts = [0] * subscribers
     ready = [asyncio.Event() for _ in range(subscribers)]
     done = [asyncio.Event() for _ in range(subscribers)]
-    async with http_client(8) as writer_http, http_client(subscribers + 8) as reader_http:
+    async with http_client(8) as writer_http, contextlib.AsyncExitStack() as stack:
+        reader_http = await _clients(stack, subscribers)
         stream = await create_stream(base, name, writer_http)
 
         async def reader(k: int) -> None:
-            async for messages in read(client, transport, base, name, reader_http):
+            async for messages in read(client, transport, base, name, reader_http[k]):
                 ready[k].set()
                 counts[k] += len(messages)
                 if counts[k] >= total:
@@ -851,13 +862,14 @@ async def _storm_case(ctx: Context, server: str, transport: str, clients: int) -
     async with (
         ChaosProxy(base) as proxy,
         http_client(len(names) + 4) as writer_http,
-        http_client(clients + 8) as reader_http,
+        contextlib.AsyncExitStack() as stack,
     ):
+        reader_http = await _clients(stack, clients)
         streams = await asyncio.gather(*(create_stream(base, n, writer_http) for n in names))
         followers = [_Follower() for _ in range(clients)]
         tasks = [
             asyncio.create_task(
-                _follow(f, transport, proxy.url, names[k % len(names)], reader_http, k)
+                _follow(f, transport, proxy.url, names[k % len(names)], reader_http[k], k)
             )
             for k, f in enumerate(followers)
         ]
