@@ -37,7 +37,7 @@ def _panel(title: str, unit: str, bars: list[_Bar], top: int) -> tuple[list[str]
     if not finite:
         return parts, y
     scale_max = max(max(b.value, b.whisker or 0.0) for b in finite) or 1.0
-    span = _WIDTH - _LABEL - 90
+    span = _WIDTH - _LABEL - 170  # room for the value text after the longest bar
     for bar in finite:
         width = max(1.0, bar.value / scale_max * span)
         color = _COLORS.get(bar.server, "#555")
