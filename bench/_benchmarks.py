@@ -129,6 +129,10 @@ SIZES: dict[str, Sizes] = {
 }
 
 
+#: No case of the full run takes a minute; a stuck one is cut off at this.
+CASE_TIMEOUT = 300.0
+
+
 @dataclass
 class Context:
     """What every benchmark needs: the running servers, the sizes, what is missing."""
@@ -153,10 +157,12 @@ class Context:
             print(text, file=sys.stderr, flush=True)
 
     async def case(self, label: str, run: Callable[[], Awaitable[list[Row]]]) -> list[Row]:
-        """Run one case; a failure is reported and the others go on."""
+        """Run one case (at most ``CASE_TIMEOUT`` seconds); a failure is
+        reported and the others go on."""
         started = time.perf_counter()
         try:
-            rows = await run()
+            async with asyncio.timeout(CASE_TIMEOUT):
+                rows = await run()
         except Exception as exc:
             message = f"{label}: {type(exc).__name__}: {exc}"
             self.failures.append(message)
