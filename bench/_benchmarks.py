@@ -109,12 +109,12 @@ SIZES: dict[str, Sizes] = {
         settle=0.25,
     ),
     "smoke": Sizes(
-        latency_seconds=0.25,
-        latency_warmup=0.1,
+        latency_seconds=0.15,
+        latency_warmup=0.05,
         single_rate=40.0,
         many_sessions=2,
         many_rate=20.0,
-        append_seconds=0.3,
+        append_seconds=0.1,
         producer_events=500,
         fanout=(1, 3),
         fanout_events=30,
@@ -124,7 +124,7 @@ SIZES: dict[str, Sizes] = {
         storm_clients=6,
         memory_subscribers=5,
         memory_events=1_000,
-        settle=0.1,
+        settle=0.05,
     ),
 }
 
