@@ -586,17 +586,24 @@ class DurableStreamsApp:
             self.store.touch(state)
 
     async def _wait_change(self, path: str, timeout: float) -> bool:
-        """Wait for the stream to change, the server to shut down, or the timeout."""
+        """Wait for the stream to change, the server to shut down, or the timeout.
+
+        The change is watched before anything yields: an append handled between the
+        caller's read and this wait still wakes it.
+        """
         if self.shutting_down.is_set():
             return False
-        change = asyncio.ensure_future(self.store.wait(path, timeout))
-        stop = asyncio.ensure_future(self.shutting_down.wait())
-        try:
-            done, _ = await asyncio.wait({change, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (change, stop):
-                task.cancel()
-        return change in done and bool(change.result())
+        change = self.store.watch(path)
+        with self.store.parked(path):
+            stop: asyncio.Future[Any] = asyncio.ensure_future(self.shutting_down.wait())
+            watched: set[asyncio.Future[Any]] = {change, stop}
+            try:
+                done, _ = await asyncio.wait(
+                    watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                stop.cancel()
+        return change in done
 
     async def _sse(
         self, req: Request, send: Send, state: StreamState, position: int, cursor: str | None

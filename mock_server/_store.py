@@ -11,12 +11,13 @@ that is what serializes each idempotent producer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -531,21 +532,41 @@ class StreamStore:
         records.extend(state.own_records_after(after, cap))
         return records
 
-    async def wait(self, path: str, timeout: float) -> bool:
-        """Wait until the stream at ``path`` changes; False on timeout."""
+    def watch(self, path: str) -> asyncio.Future[None]:
+        """The future that resolves at the next change of ``path``, registered now.
+
+        Call it in the same step as the read that found nothing new: a change
+        between that read and the registration would otherwise wake nobody.
+        The future is shared; never cancel it.
+        """
         future = self._changed.get(path)
         if future is None or future.done():
             future = asyncio.get_running_loop().create_future()
             self._changed[path] = future
+        return future
+
+    @contextlib.contextmanager
+    def parked(self, path: str) -> Iterator[None]:
+        """Count a live read as waiting on ``path`` while the block runs (see ``waiting``)."""
         self._waiting[path] = self._waiting.get(path, 0) + 1
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            return False
+            yield
         finally:
             self._waiting[path] -= 1
             if not self._waiting[path]:
                 del self._waiting[path]
+
+    async def wait(self, path: str, timeout: float) -> bool:
+        """Wait until the stream at ``path`` changes; False on timeout.
+
+        Registers before it first yields, so awaiting it right after a read misses nothing.
+        """
+        future = self.watch(path)
+        with self.parked(path):
+            try:
+                await asyncio.wait_for(asyncio.shield(future), timeout)
+            except TimeoutError:
+                return False
         return True
 
     def waiting(self, path: str) -> int:

@@ -318,3 +318,24 @@ def test_trimming_every_record_keeps_the_tail_where_it_was() -> None:
     store.trim("/v1/stream/t", keep_last=0)
     after = store.append("/v1/stream/t", AppendRequest(body=b"d", content_type="text/plain"))
     assert after.next_offset > before
+
+
+async def test_an_append_right_after_a_live_read_finds_nothing_still_wakes_it() -> None:
+    """The append lands in the first moment the reader yields, between its read and its wait."""
+    from mock_server import DurableStreamsApp, StreamStore
+    from mock_server._store import AppendRequest, CreateRequest
+
+    store = StreamStore()
+    app = DurableStreamsApp(store)
+    path = "/v1/stream/race"
+    state, _ = store.create(path, CreateRequest(content_type="text/plain"))
+
+    async def live_read() -> bool:
+        assert not store.read(state, state.tail).records
+        return await app._wait_change(path, timeout=5.0)
+
+    reader = asyncio.ensure_future(live_read())
+    await asyncio.sleep(0)  # the reader runs up to its first yield, inside the wait
+    store.append(path, AppendRequest(body=b"x", content_type="text/plain"))
+    async with asyncio.timeout(1.0):  # not the 5 s timeout: the append woke it
+        assert await reader is True
