@@ -11,9 +11,12 @@ Streams resumes from offsets in control events, not from ``Last-Event-ID``.
 from __future__ import annotations
 
 import codecs
+import re
 from dataclasses import dataclass
 
 __all__ = ["SSEDecoder", "SSEEvent"]
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +35,7 @@ class SSEDecoder:
 
     def __init__(self) -> None:
         self._text = codecs.getincrementaldecoder("utf-8")("strict")
-        self._buffer = ""
+        self._parts: list[str] = []  # the unfinished line, in the pieces it came in
         self._skip_lf = False
         self._first = True
         self._event = ""
@@ -51,40 +54,36 @@ class SSEDecoder:
         """Signal the end of the stream. An incomplete last event is discarded,
         as the SSE rules require (it was never terminated by a blank line)."""
         self._text.decode(b"", final=True)
-        self._buffer = ""
+        self._parts = []
         self._event = ""
         self._data = []
         return []
 
     def _consume(self, text: str) -> list[SSEEvent]:
+        # Line breaks are found by the regex engine, and an unfinished line is kept
+        # in pieces rather than re-scanned with each chunk: linear in the input even
+        # for one event of megabytes arriving in many chunks.
         events: list[SSEEvent] = []
-        buf = self._buffer + text
         start = 0
-        n = len(buf)
-        i = 0
-        if self._skip_lf and n > 0:
-            if buf[0] == "\n":
-                start = i = 1
+        if self._skip_lf and text:
+            if text[0] == "\n":
+                start = 1
             self._skip_lf = False
-        while i < n:
-            ch = buf[i]
-            if ch == "\r" or ch == "\n":
-                line = buf[start:i]
-                if ch == "\r":
-                    if i + 1 < n:
-                        if buf[i + 1] == "\n":
-                            i += 1
-                    else:
-                        # The LF of a CRLF may arrive in the next chunk.
-                        self._skip_lf = True
-                i += 1
-                start = i
-                event = self._line(line)
-                if event is not None:
-                    events.append(event)
-            else:
-                i += 1
-        self._buffer = buf[start:]
+        for match in _LINE_BREAK.finditer(text, start):
+            end = match.end()
+            if end == len(text) and match.group() == "\r":
+                self._skip_lf = True  # the LF of a CRLF may arrive in the next chunk
+            line = text[start : match.start()]
+            if self._parts:
+                self._parts.append(line)
+                line = "".join(self._parts)
+                self._parts = []
+            start = end
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        if start < len(text):
+            self._parts.append(text[start:])
         return events
 
     def _line(self, line: str) -> SSEEvent | None:

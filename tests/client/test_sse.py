@@ -74,3 +74,23 @@ def test_bom_and_multibyte_utf8_across_chunks() -> None:
 def test_invalid_utf8_raises() -> None:
     with pytest.raises(UnicodeDecodeError):
         SSEDecoder().feed(b"data: \xff\xfe\n\n")
+
+
+def test_any_chunking_gives_the_same_events() -> None:
+    """3,000 seeded inputs of line breaks, fields and multi-byte text, cut at random
+    points (inside CRLFs and UTF-8 sequences too): the events never depend on the cuts."""
+    import random
+
+    from durable_client._sse import SSEDecoder
+
+    rng = random.Random(20261126)
+    alphabet = ["a", " ", ":", "\r", "\n", "\r\n", "data", "event", "é", "data: x", "\n\n", "€"]
+    for _ in range(3000):
+        raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))).encode()
+        cuts = sorted(rng.sample(range(len(raw) + 1), min(len(raw) + 1, rng.randint(0, 6))))
+        whole = SSEDecoder().feed(raw)
+        decoder, pieces, previous = SSEDecoder(), [], 0
+        for cut in [*cuts, len(raw)]:
+            pieces += decoder.feed(raw[previous:cut])
+            previous = cut
+        assert pieces == whole, raw
