@@ -40,6 +40,7 @@ from mock_server.chaos import (
     serve_chaos,
 )
 from mock_server.chaos.reader import ProtocolWriter, make_event
+from tests._await import until
 
 S = "/v1/stream"
 JSON = {"Content-Type": "application/json"}
@@ -91,10 +92,7 @@ async def fill(http: httpx.AsyncClient, path: str, n: int) -> list[str]:
 
 async def parked(server: ChaosServer, p: str) -> None:
     """Until a live reader waits at the tail of ``p``."""
-    async with asyncio.timeout(5):
-        # The store has no change event for parked readers; poll the count (bounded).
-        while server.store.waiting(f"{S}/{p}") == 0:  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
+    await until(lambda: server.store.waiting(f"{S}/{p}") > 0)  # no event for parked readers
 
 
 def rules(*items: Rule, seed: int = 0) -> FaultPlan:

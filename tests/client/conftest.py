@@ -207,10 +207,3 @@ def stream_name() -> str:
 def unique() -> Callable[[str], str]:
     """Unique names for sessions and streams."""
     return lambda prefix: f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until ``condition()`` holds; the timeout only bounds a failure."""
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - state lives in another task
-            await asyncio.sleep(0.005)

@@ -26,8 +26,7 @@ from durable_client import (
     TurnEnd,
     UserMessage,
 )
-
-from .conftest import until
+from tests._await import until
 
 pytestmark = pytest.mark.both_transports
 

@@ -47,9 +47,9 @@ from durable_client import (
 )
 from durable_client._ws import _close_error, _diff
 from mock_server.testing import serve
+from tests._await import until
 
 from ._proxy import Proxy
-from .conftest import until
 
 FAST_RECONNECT = ReconnectPolicy(initial_delay=0.01, max_delay=0.05)
 FAST_RETRY = RetryPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=3)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -47,12 +47,3 @@ def clock(server: RunningServer) -> FakeClock:
     fake = FakeClock()
     server.store.clock = fake
     return fake
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for ``condition()`` to hold; the timeout only bounds a failure."""
-    import asyncio
-
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - state in another task, no event to await
-            await asyncio.sleep(0.005)

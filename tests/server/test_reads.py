@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from mock_server.testing import RunningServer
+from tests._await import until
 
-from .conftest import until
 from .sse import controls, datas, read_sse
 
 S = "/v1/stream"

@@ -15,8 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from mock_server.testing import RunningServer, serve
-
-from .conftest import until
+from tests._await import until
 
 S = "/v1/stream"
 JSON = {"Content-Type": "application/json"}
