@@ -24,6 +24,15 @@ STREAM_FORKED_FROM: Final = "Stream-Forked-From"
 STREAM_FORK_OFFSET: Final = "Stream-Fork-Offset"
 STREAM_FORK_SUB_OFFSET: Final = "Stream-Fork-Sub-Offset"
 STREAM_SSE_DATA_ENCODING: Final = "Stream-SSE-Data-Encoding"
+# Our extension: which incarnation of the path answered (a stream deleted and
+# re-created at the same path, or recreated by a server that lost its data, is
+# a new incarnation; its offsets are not the old one's). Opaque, compared for
+# equality only. Sent on every response about an existing stream.
+STREAM_INCARNATION: Final = "Stream-Incarnation"
+# A client's key for one logical request, kept by the server so a retried
+# create learns that its own earlier attempt created the stream (answered 201
+# again, not 200). The IETF idempotency-key draft's header.
+IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 
 PRODUCER_ID: Final = "Producer-Id"
 PRODUCER_EPOCH: Final = "Producer-Epoch"
@@ -38,6 +47,10 @@ CURSOR_PARAM: Final = "cursor"
 
 LIVE_LONG_POLL: Final = "long-poll"
 LIVE_SSE: Final = "sse"
+
+# Paths under the stream prefix that the protocol reserves (subscriptions,
+# key discovery): never an ordinary stream.
+RESERVED_PREFIX: Final = "__ds"
 
 # Offset sentinels a server never hands out as real offsets.
 OFFSET_BEGINNING: Final = "-1"

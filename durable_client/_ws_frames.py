@@ -106,6 +106,7 @@ class Subscribed(_Frame):
     stream: str
     offset: str  # where delivery starts (``now`` and ``-1`` resolved)
     content_type: str
+    incarnation: str | None = None  # as the Stream-Incarnation header over HTTP
 
 
 class Data(_Frame):

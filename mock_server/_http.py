@@ -2,12 +2,14 @@
 
 Routes:
 - ``{base}/v1/stream/{path}``: PUT create, POST append/close, GET read
-  (catch-up, ``live=long-poll``, ``live=sse``), HEAD, DELETE.
+  (catch-up, ``live=long-poll``, ``live=sse``), HEAD, DELETE. The protocol
+  reserves ``/v1/stream/__ds`` and below for its subscription API: 400.
 - ``OPTIONS`` anywhere: CORS preflight.
 - ``GET /health``: liveness, as JSON.
 
-Every response carries the CORS and browser-hardening headers. Refusals are
-``text/plain`` with a one-line message; nothing is written for them.
+Every response carries the CORS and browser-hardening headers, and one about
+an existing stream its ``Stream-Incarnation``. Refusals are ``text/plain``
+with a one-line message; nothing is written for them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from durable_client import _protocol as P
 from durable_client._ws_frames import WS_PATH
 
 from ._model import StreamState, parse_rfc3339
-from ._offsets import format_offset
 from ._store import (
     AppendRequest,
     AppendResult,
@@ -37,6 +38,7 @@ from ._store import (
     ProtocolError,
     ReadResult,
     StreamStore,
+    check_not_reserved,
 )
 
 Scope = MutableMapping[str, Any]
@@ -50,6 +52,8 @@ _TTL_RE = re.compile(r"^(0|[1-9]\d{0,11})$")
 _INT_RE = re.compile(r"^(0|[1-9]\d{0,15})$")
 _CONTENT_TYPE_RE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+(\s*;.*)?$")
 
+_MAX_IDEMPOTENCY_KEY = 256
+
 _CURSOR_EPOCH = 1728432000.0  # 2024-10-09T00:00:00Z
 _CURSOR_INTERVAL = 20
 
@@ -62,6 +66,7 @@ _EXPOSED = ", ".join(
         P.STREAM_TTL,
         P.STREAM_EXPIRES_AT,
         P.STREAM_SSE_DATA_ENCODING,
+        P.STREAM_INCARNATION,
         P.PRODUCER_EPOCH,
         P.PRODUCER_SEQ,
         P.PRODUCER_EXPECTED_SEQ,
@@ -88,6 +93,7 @@ _ALLOWED = ", ".join(
         P.PRODUCER_ID,
         P.PRODUCER_EPOCH,
         P.PRODUCER_SEQ,
+        P.IDEMPOTENCY_KEY,
     ]
 )
 _COMMON_HEADERS: list[tuple[bytes, bytes]] = [
@@ -273,12 +279,10 @@ class DurableStreamsApp:
         try:
             await self._route(req, send_logged)
         except ProtocolError as exc:
-            await _error(send_logged, exc)
+            await _error(send_logged, self._about_stream(req, exc))
         except _BodyTooLarge:
-            await _error(
-                send_logged,
-                ProtocolError(413, f"body larger than {self.config.max_body_bytes} bytes"),
-            )
+            too_large = ProtocolError(413, f"body larger than {self.config.max_body_bytes} bytes")
+            await _error(send_logged, self._about_stream(req, too_large))
         except _Disconnected:
             pass
         finally:
@@ -292,6 +296,13 @@ class DurableStreamsApp:
                     status_holder[0] if status_holder else "-",
                     (time.perf_counter() - started) * 1000,
                 )
+
+    def _about_stream(self, req: Request, error: ProtocolError) -> ProtocolError:
+        """``error``, saying which incarnation answered if it is about an existing stream."""
+        state = self.store.peek(req.path)
+        if state is not None and error.status != 404:
+            error.headers.setdefault(P.STREAM_INCARNATION, state.incarnation_text)
+        return error
 
     async def _route(self, req: Request, send: Send) -> None:
         if req.method == "OPTIONS":
@@ -316,6 +327,7 @@ class DurableStreamsApp:
             return
         if not req.path.startswith(P.STREAM_PATH_PREFIX) or req.path == P.STREAM_PATH_PREFIX:
             raise ProtocolError(404, "no such route; streams live under /v1/stream/{path}")
+        check_not_reserved(req.path)
         handlers = {
             "PUT": self._create,
             "POST": self._append,
@@ -368,6 +380,11 @@ class DurableStreamsApp:
             sub_offset = int(sub_text)
         if fork_offset is not None and forked_from is None:
             raise ProtocolError(400, "Stream-Fork-Offset needs Stream-Forked-From")
+        idempotency_key = req.header(P.IDEMPOTENCY_KEY)
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= _MAX_IDEMPOTENCY_KEY:
+            raise ProtocolError(
+                400, f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} characters"
+            )
         body = await req.body(self.config.max_body_bytes)
         state, created = self.store.create(
             req.path,
@@ -380,9 +397,14 @@ class DurableStreamsApp:
                 forked_from=forked_from,
                 fork_offset=fork_offset,
                 fork_sub_offset=sub_offset,
+                idempotency_key=idempotency_key,
             ),
         )
-        headers = [("Content-Type", state.content_type), (P.STREAM_NEXT_OFFSET, state.tail_offset)]
+        headers = [
+            ("Content-Type", state.content_type),
+            (P.STREAM_NEXT_OFFSET, state.tail_offset),
+            (P.STREAM_INCARNATION, state.incarnation_text),
+        ]
         if created:
             headers.append(("Location", req.base_url() + req.path))
         if state.closed:
@@ -396,6 +418,7 @@ class DurableStreamsApp:
             path = P.STREAM_PATH_PREFIX + path
         if not path.startswith(P.STREAM_PATH_PREFIX) or path == P.STREAM_PATH_PREFIX:
             raise ProtocolError(400, "Stream-Forked-From must name a stream under /v1/stream/")
+        check_not_reserved(path)
         return path
 
     # ------------------------------------------------------------------ POST
@@ -413,7 +436,10 @@ class DurableStreamsApp:
                 producer=producer,
             ),
         )
-        headers = [(P.STREAM_NEXT_OFFSET, result.next_offset)]
+        headers = [
+            (P.STREAM_NEXT_OFFSET, result.next_offset),
+            (P.STREAM_INCARNATION, result.incarnation),
+        ]
         if result.closed:
             headers.append((P.STREAM_CLOSED, "true"))
         if result.producer is not None:
@@ -447,6 +473,7 @@ class DurableStreamsApp:
         headers = [
             ("Content-Type", state.content_type),
             (P.STREAM_NEXT_OFFSET, state.tail_offset),
+            (P.STREAM_INCARNATION, state.incarnation_text),
             ("Cache-Control", "no-store"),
             ("ETag", self._etag(state, P.OFFSET_BEGINNING, state.tail_offset, state.closed)),
         ]
@@ -497,6 +524,7 @@ class DurableStreamsApp:
             headers = [
                 ("Content-Type", state.content_type),
                 (P.STREAM_NEXT_OFFSET, state.tail_offset),
+                (P.STREAM_INCARNATION, state.incarnation_text),
                 (P.STREAM_UP_TO_DATE, "true"),
                 ("Cache-Control", "no-store"),
             ]
@@ -526,6 +554,7 @@ class DurableStreamsApp:
         headers = [
             ("Content-Type", state.content_type),
             (P.STREAM_NEXT_OFFSET, result.next_offset),
+            (P.STREAM_INCARNATION, state.incarnation_text),
             ("ETag", etag),
             # A chunk that stops short of the tail never changes; one that
             # reaches it does as soon as anything is appended.
@@ -538,14 +567,16 @@ class DurableStreamsApp:
         if cursor is not None:
             headers.append((P.STREAM_CURSOR, cursor))
         if req.header("if-none-match") == etag:
-            await _respond(send, 304, [("ETag", etag)])
+            await _respond(
+                send, 304, [("ETag", etag), (P.STREAM_INCARNATION, state.incarnation_text)]
+            )
             return
         await _respond(send, 200, headers, self._payload(state, result))
 
     async def _long_poll(
         self, req: Request, send: Send, state: StreamState, position: int, cursor: str | None
     ) -> None:
-        start = format_offset(position)
+        start = state.offset(position)
         deadline = time.monotonic() + self.config.long_poll_timeout
         while True:
             result = self.store.read(state, position)
@@ -558,6 +589,7 @@ class DurableStreamsApp:
                     204,
                     [
                         (P.STREAM_NEXT_OFFSET, result.next_offset),
+                        (P.STREAM_INCARNATION, state.incarnation_text),
                         (P.STREAM_UP_TO_DATE, "true"),
                         (P.STREAM_CLOSED, "true"),
                         ("Cache-Control", "no-store"),
@@ -571,6 +603,7 @@ class DurableStreamsApp:
                     204,
                     [
                         (P.STREAM_NEXT_OFFSET, result.next_offset),
+                        (P.STREAM_INCARNATION, state.incarnation_text),
                         (P.STREAM_UP_TO_DATE, "true"),
                         (P.STREAM_CURSOR, cursor_for(cursor)),
                         ("Cache-Control", "no-store"),
@@ -613,6 +646,7 @@ class DurableStreamsApp:
             (b"content-type", b"text/event-stream"),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
+            (P.STREAM_INCARNATION.lower().encode(), state.incarnation_text.encode()),
         ]
         if binary:
             headers.append((P.STREAM_SSE_DATA_ENCODING.lower().encode(), b"base64"))

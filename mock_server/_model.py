@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ._offsets import format_offset
+from ._offsets import format_incarnation, format_offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,22 +23,32 @@ class Record:
     count: int = 1  # messages in a JSON record; 1 for bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Landed:
+    """Where one producer request landed, and a digest of what it carried."""
+
+    end: int
+    digest: str | None = None  # None: stored before digests were kept
+
+
 @dataclass(slots=True)
 class ProducerState:
     epoch: int
     last_seq: int
     updated_at: float
-    # Where the producer's recent requests landed (seq -> end position), so a
-    # retried request learns the offset of the original, not just the tail.
-    landed: dict[int, int] = field(default_factory=dict)
+    # The producer's recent requests by seq: a retry learns the offset of the
+    # original (not just the tail), and a reused seq with other data is caught.
+    landed: dict[int, Landed] = field(default_factory=dict)
 
     LANDED_KEPT = 64
 
-    def with_landed(self, seq: int, end: int, previous: ProducerState | None) -> ProducerState:
+    def with_landed(
+        self, seq: int, landed: Landed, previous: ProducerState | None
+    ) -> ProducerState:
         kept = (
             dict(previous.landed) if previous is not None and previous.epoch == self.epoch else {}
         )
-        kept[seq] = end
+        kept[seq] = landed
         if len(kept) > self.LANDED_KEPT:
             for old in sorted(kept)[: len(kept) - self.LANDED_KEPT]:
                 del kept[old]
@@ -53,6 +63,10 @@ class StreamState:
     stream_id: str
     content_type: str
     created_at: float
+    # Which stream at this path (see _offsets); 0 for one stored before
+    # incarnations existed, so it keeps issuing the offsets it issued.
+    incarnation: int = 0
+    idempotency_key: str | None = None  # of the PUT that created it
     ttl_seconds: int | None = None
     expires_at: str | None = None
     closed: bool = False
@@ -77,7 +91,24 @@ class StreamState:
 
     @property
     def tail_offset(self) -> str:
-        return format_offset(self.tail)
+        return self.offset(self.tail)
+
+    @property
+    def incarnation_text(self) -> str:
+        return format_incarnation(self.incarnation)
+
+    def offset(self, position: int) -> str:
+        """``position`` as an offset of this stream."""
+        return format_offset(self.incarnation, position)
+
+    def is_own_boundary(self, position: int) -> bool:
+        """Whether this stream itself issues offsets at ``position``: its start, fork
+        point, retention floor, or the end of one of its records (a fork's inherited
+        positions are its source's boundaries; the store checks those)."""
+        if position in (0, self.base, self.trimmed_to):
+            return True
+        index = bisect.bisect_left(self.ends, position)
+        return index < len(self.ends) and self.ends[index] == position
 
     def next_record(self, data: bytes, count: int = 1, after: int | None = None) -> Record:
         """The record ``data`` would be if appended after ``after`` (default: the tail)."""

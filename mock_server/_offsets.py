@@ -1,39 +1,49 @@
 """Offsets: the server's positions, formatted as opaque, sortable strings.
 
 A position is the number of payload bytes stored in a stream's offset space
-before a point. On the wire it is ``"0000000000000000_<position:016d>"``, the
-same shape the reference server uses, so offsets sort lexicographically and
-forks of a stream share its offset space.
+before a point. On the wire it is ``"<incarnation:016d>_<position:016d>"``,
+the shape the reference server uses, so offsets sort lexicographically within
+a stream and forks of a stream share its offset space. The incarnation tells
+apart the streams that have lived at one path: a stream deleted and
+re-created (or re-created by a server that lost its memory) issues offsets
+that no earlier one issued, so a saved offset cannot silently skip into it.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 from typing import Final
 
 _OFFSET_RE: Final = re.compile(r"^(\d{1,20})_(\d{1,20})$")
 _WIDTH: Final = 16
+
+# The beginning of every stream, whatever its incarnation (clients and the
+# conformance suite write it by hand).
+ZERO_OFFSET: Final = f"{0:0{_WIDTH}d}_{0:0{_WIDTH}d}"
 
 
 class InvalidOffset(ValueError):
     """The text is not an offset this server could have issued."""
 
 
-def format_offset(position: int) -> str:
-    return f"{0:0{_WIDTH}d}_{position:0{_WIDTH}d}"
+def new_incarnation() -> int:
+    """A random incarnation for a new stream; 0 is left to streams from before incarnations."""
+    return 1 + secrets.randbelow(10**_WIDTH - 1)
 
 
-ZERO_OFFSET: Final = format_offset(0)
+def format_incarnation(incarnation: int) -> str:
+    """The incarnation as the ``Stream-Incarnation`` header and offsets carry it."""
+    return f"{incarnation:0{_WIDTH}d}"
 
 
-def parse_offset(text: str) -> int:
-    """The position of an offset string; raises ``InvalidOffset`` on anything else.
+def format_offset(incarnation: int, position: int) -> str:
+    return f"{incarnation:0{_WIDTH}d}_{position:0{_WIDTH}d}"
 
-    The leading part is reserved and must be zero: this server issues no other.
-    """
+
+def parse_offset(text: str) -> tuple[int, int]:
+    """The (incarnation, position) of an offset; raises ``InvalidOffset`` on anything else."""
     match = _OFFSET_RE.match(text)
     if match is None:
         raise InvalidOffset(f"invalid offset {text!r}")
-    if int(match.group(1)) != 0:
-        raise InvalidOffset(f"unknown offset epoch in {text!r}")
-    return int(match.group(2))
+    return int(match.group(1)), int(match.group(2))

@@ -21,12 +21,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from ._model import ProducerState, Record, StreamState
+from ._model import Landed, ProducerState, Record, StreamState
 
+# A stream's meta is one JSON object; a field missing from an older row takes
+# the StreamState default (an incarnation of 0 keeps its offsets unchanged).
 _META_FIELDS = (
     "stream_id",
     "content_type",
     "created_at",
+    "incarnation",
+    "idempotency_key",
     "ttl_seconds",
     "expires_at",
     "closed",
@@ -99,6 +103,18 @@ def _meta_json(state: StreamState) -> str:
     return json.dumps(meta, separators=(",", ":"))
 
 
+def _landed_json(landed: dict[int, Landed]) -> str:
+    return json.dumps({seq: [at.end, at.digest] for seq, at in landed.items()})
+
+
+def _landed_from_json(text: str) -> dict[int, Landed]:
+    """``{seq: [end, digest]}``, or ``{seq: end}`` as stored before digests were kept."""
+    landed: dict[int, Landed] = {}
+    for seq, value in json.loads(text).items():
+        landed[int(seq)] = Landed(value) if isinstance(value, int) else Landed(*value)
+    return landed
+
+
 class SqliteStorage:
     """Streams in one SQLite database file under ``data_dir``."""
 
@@ -162,8 +178,9 @@ class SqliteStorage:
         ):
             owner = states.get(path)
             if owner is not None:
-                positions = {int(seq): end for seq, end in json.loads(landed).items()}
-                owner.producers[producer_id] = ProducerState(epoch, last_seq, updated_at, positions)
+                owner.producers[producer_id] = ProducerState(
+                    epoch, last_seq, updated_at, _landed_from_json(landed)
+                )
         return list(states.values())
 
     def commit(
@@ -198,7 +215,7 @@ class SqliteStorage:
                         ps.epoch,
                         ps.last_seq,
                         ps.updated_at,
-                        json.dumps(ps.landed),
+                        _landed_json(ps.landed),
                     ),
                 )
             db.execute("COMMIT")

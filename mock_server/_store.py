@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -23,11 +24,16 @@ from typing import Any
 
 from durable_client import _protocol as P
 
-from ._model import ProducerState, Record, StreamState
-from ._offsets import InvalidOffset, format_offset, parse_offset
+from ._model import Landed, ProducerState, Record, StreamState
+from ._offsets import InvalidOffset, new_incarnation, parse_offset
 from ._storage import MemoryStorage, Storage
 
 PRODUCER_STATE_TTL = 7 * 24 * 3600.0
+
+RESERVED_MESSAGE = (
+    f"{P.STREAM_PATH_PREFIX}{P.RESERVED_PREFIX}/ is reserved by the protocol for its"
+    " subscription API, which this server does not implement"
+)
 
 
 class ProtocolError(Exception):
@@ -40,6 +46,20 @@ class ProtocolError(Exception):
         self.headers = dict(headers or {})
 
 
+def check_not_reserved(path: str) -> None:
+    """400 for ``/v1/stream/__ds`` and below: the protocol's own API, never a stream."""
+    name = path.removeprefix(P.STREAM_PATH_PREFIX)
+    if name == P.RESERVED_PREFIX or name.startswith(P.RESERVED_PREFIX + "/"):
+        raise ProtocolError(400, RESERVED_MESSAGE)
+
+
+def request_digest(data: bytes, close: bool) -> str:
+    """What a producer request carried (its data as stored, and whether it closes)."""
+    digest = hashlib.blake2b(data, digest_size=16)
+    digest.update(b"\x01" if close else b"\x00")
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class CreateRequest:
     content_type: str | None = None
@@ -50,6 +70,7 @@ class CreateRequest:
     forked_from: str | None = None
     fork_offset: str | None = None
     fork_sub_offset: int | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +94,7 @@ class AppendResult:
     status: int  # 200 new producer append, 204 plain append / duplicate / close
     next_offset: str
     closed: bool
+    incarnation: str  # the Stream-Incarnation of the stream appended to
     producer: Producer | None = None
     duplicate: bool = False
 
@@ -190,7 +212,10 @@ class StreamStore:
     # ------------------------------------------------------------------ create
 
     def create(self, path: str, req: CreateRequest) -> tuple[StreamState, bool]:
-        """Create ``path``; returns (stream, created). Same config again is (existing, False)."""
+        """Create ``path``; returns (stream, created). Same config again is (existing, False),
+        unless it carries the Idempotency-Key of the request that created it: a retry of
+        that request, whose answer was lost, is told that it created the stream."""
+        check_not_reserved(path)
         existing = self._streams.get(path)
         if existing is not None:
             if existing.soft_deleted:
@@ -205,7 +230,8 @@ class StreamStore:
                     )
                 self._delete_cascade(existing)
             elif self._same_config(existing, req):
-                return existing, False
+                replay = req.idempotency_key is not None
+                return existing, replay and req.idempotency_key == existing.idempotency_key
             else:
                 raise ProtocolError(409, "stream already exists with a different configuration")
 
@@ -223,14 +249,7 @@ class StreamStore:
             content_type = content_type or source.content_type
             base = source.tail
             if req.fork_offset is not None:
-                try:
-                    base = parse_offset(req.fork_offset)
-                except InvalidOffset:
-                    raise ProtocolError(400, "invalid Stream-Fork-Offset") from None
-                if base > source.tail:
-                    raise ProtocolError(400, "Stream-Fork-Offset is beyond the source's tail")
-                if base < source.trimmed_to:
-                    raise ProtocolError(410, "Stream-Fork-Offset is no longer retained")
+                base = self.resolve_offset(source, req.fork_offset, fork=True)
             if req.fork_sub_offset:
                 prefix = self._sub_offset_prefix(source, base, req.fork_sub_offset)
             if ttl is None and expires_at is None:
@@ -243,6 +262,8 @@ class StreamStore:
             stream_id=uuid.uuid4().hex[:12],
             content_type=content_type,
             created_at=now,
+            incarnation=new_incarnation(),
+            idempotency_key=req.idempotency_key,
             ttl_seconds=ttl,
             expires_at=expires_at,
             closed=req.closed,
@@ -278,7 +299,7 @@ class StreamStore:
             req.fork_offset is None
             or (
                 state.fork_offset is not None
-                and req.fork_offset == format_offset(state.fork_offset)
+                and self._fork_position(state, req.fork_offset) == state.fork_offset
             )
         )
         ttl, expires_at = req.ttl_seconds, req.expires_at
@@ -293,6 +314,16 @@ class StreamStore:
             and same_fork
             and (req.fork_sub_offset or 0) == state.fork_sub_offset
         )
+
+    def _fork_position(self, fork: StreamState, fork_offset: str) -> int | None:
+        """Where ``fork_offset`` is in the fork's source; None if it is not valid there."""
+        source = self._streams.get(fork.forked_from) if fork.forked_from else None
+        if source is None:
+            return None
+        try:
+            return self.resolve_offset(source, fork_offset, fork=True)
+        except ProtocolError:
+            return None
 
     def _fork_source(self, forked_from: str) -> StreamState:
         source = self._streams.get(forked_from)
@@ -337,7 +368,9 @@ class StreamStore:
                 producer.epoch,
                 producer.seq,
             ):
-                return AppendResult(204, state.tail_offset, True, producer, duplicate=True)
+                return AppendResult(
+                    204, state.tail_offset, True, state.incarnation_text, producer, duplicate=True
+                )
             raise self._closed_error(state)
         if P.media_type(req.content_type) != P.media_type(state.content_type):
             raise ProtocolError(
@@ -347,7 +380,8 @@ class StreamStore:
             )
         proposed = self._validate_producer(state, producer) if producer is not None else None
         if producer is not None and proposed is None:
-            return self._duplicate(state, producer)
+            data, _ = self._encode(state, req.body, allow_empty=False)
+            return self._duplicate(state, producer, request_digest(data, req.close))
         if (
             req.stream_seq is not None
             and state.stream_seq is not None
@@ -366,40 +400,51 @@ class StreamStore:
         producer_row = None
         if producer is not None and proposed is not None:
             landed = proposed.with_landed(
-                producer.seq, record.end, state.producers.get(producer.id)
+                producer.seq,
+                Landed(record.end, request_digest(data, req.close)),
+                state.producers.get(producer.id),
             )
             producer_row = (producer.id, landed)
         self._commit(state, [record], producer_row, **changes)
         self._notify(path)
         return AppendResult(
-            200 if producer else 204, format_offset(record.end), req.close, producer
+            200 if producer else 204,
+            state.offset(record.end),
+            req.close,
+            state.incarnation_text,
+            producer,
         )
 
     def _close(self, state: StreamState, producer: Producer | None) -> AppendResult:
+        incarnation = state.incarnation_text
         if producer is None:
             if not state.closed:
                 self._commit(state, closed=True)
                 self._notify(state.path)
-            return AppendResult(204, state.tail_offset, True)
+            return AppendResult(204, state.tail_offset, True, incarnation)
         if state.closed:
             if state.closed_by == (producer.id, producer.epoch, producer.seq):
-                return AppendResult(204, state.tail_offset, True, producer, duplicate=True)
+                return AppendResult(
+                    204, state.tail_offset, True, incarnation, producer, duplicate=True
+                )
             raise self._closed_error(state)
         proposed = self._validate_producer(state, producer)
+        digest = request_digest(b"", True)
         if proposed is None:
-            return self._duplicate(state, producer)
+            return self._duplicate(state, producer, digest)
+        landed = Landed(state.tail, digest)
         self._commit(
             state,
             (),
             (
                 producer.id,
-                proposed.with_landed(producer.seq, state.tail, state.producers.get(producer.id)),
+                proposed.with_landed(producer.seq, landed, state.producers.get(producer.id)),
             ),
             closed=True,
             closed_by=(producer.id, producer.epoch, producer.seq),
         )
         self._notify(state.path)
-        return AppendResult(204, state.tail_offset, True, producer)
+        return AppendResult(204, state.tail_offset, True, incarnation, producer)
 
     @staticmethod
     def _closed_error(state: StreamState) -> ProtocolError:
@@ -410,16 +455,27 @@ class StreamStore:
         )
 
     @staticmethod
-    def _duplicate(state: StreamState, producer: Producer) -> AppendResult:
+    def _duplicate(state: StreamState, producer: Producer, digest: str) -> AppendResult:
         """A retry of an accepted request: nothing is written; say where the original landed.
 
         The offset is exact for the producer's last 64 requests (the tail for older ones).
+        If one of those carried other data, this is no retry but a restarted producer
+        reusing its epoch: a 204 would drop its data, so it gets the 403 that fences a
+        stale epoch and moves it to a new one.
         """
         current = state.producers[producer.id]
-        end = current.landed.get(producer.seq)
-        offset = format_offset(end) if end is not None else state.tail_offset
+        landed = current.landed.get(producer.seq)
+        if landed is not None and landed.digest is not None and landed.digest != digest:
+            raise ProtocolError(
+                403,
+                f"Producer-Seq {producer.seq} of epoch {producer.epoch} was already used for"
+                " different data: a restarted producer must start a new epoch"
+                f" (Producer-Epoch > {current.epoch})",
+                {P.PRODUCER_EPOCH: str(current.epoch)},
+            )
+        offset = state.offset(landed.end) if landed is not None else state.tail_offset
         echo = Producer(producer.id, producer.epoch, current.last_seq)
-        return AppendResult(204, offset, state.closed, echo, duplicate=True)
+        return AppendResult(204, offset, state.closed, state.incarnation_text, echo, duplicate=True)
 
     def _validate_producer(self, state: StreamState, producer: Producer) -> ProducerState | None:
         """The producer state this request would commit; None for a duplicate.
@@ -483,28 +539,91 @@ class StreamStore:
     # ------------------------------------------------------------------ read
 
     def parse_read_offset(self, state: StreamState, offset: str | None) -> int:
-        """The position a read starts after.
-
-        Raises 400 for a malformed or future offset, 410 for one below retention.
-        """
+        """The position a read starts after: ``-1``, ``now`` or an offset (``resolve_offset``)."""
         if offset is None or offset == P.OFFSET_BEGINNING:
-            position = 0
-        elif offset == P.OFFSET_NOW:
+            return self._retained(state, 0, "offset")
+        if offset == P.OFFSET_NOW:
             return state.tail
-        else:
-            try:
-                position = parse_offset(offset)
-            except InvalidOffset:
-                raise ProtocolError(400, f"invalid offset {offset!r}") from None
+        return self.resolve_offset(state, offset)
+
+    def resolve_offset(self, state: StreamState, offset: str, *, fork: bool = False) -> int:
+        """The position of an offset that ``state`` issued (``fork``: a Stream-Fork-Offset).
+
+        Only a boundary the stream issued is valid: an offset inside a record, past the
+        tail or of another stream at this path would read garbage or skip data. Raises
+        400 for those and 410 for a position below retention. The all-zero offset is the
+        start in every incarnation; a fork also accepts its source's offsets up to the
+        fork point, since it shares the source's offset space.
+        """
+        what = "Stream-Fork-Offset" if fork else "offset"
+        subject = "the source stream" if fork else "this stream"
+        try:
+            incarnation, position = parse_offset(offset)
+        except InvalidOffset:
+            raise ProtocolError(400, f"invalid {what} {offset!r}") from None
+        if (incarnation, position) != (0, 0):
+            if incarnation not in self._lineage(state):
+                if fork:
+                    raise ProtocolError(
+                        400,
+                        f"{what} {offset!r} was not issued by the source stream (it belongs to"
+                        " another stream, or to an earlier one at the source's path)",
+                    )
+                raise ProtocolError(
+                    400,
+                    f"offset {offset!r} was issued by an earlier stream at this path (deleted"
+                    " and re-created, or lost by a server restart); read from -1",
+                )
             if position > state.tail:
-                raise ProtocolError(400, "offset is beyond the end of the stream")
+                raise ProtocolError(400, f"{what} {offset!r} is beyond the end of {subject}")
+            if position >= state.trimmed_to and not self._issued(state, incarnation, position):
+                raise ProtocolError(
+                    400,
+                    f"{what} {offset!r} is not a position {subject} ever issued"
+                    " (offsets fall between appends, never inside one)",
+                )
+        return self._retained(state, position, what)
+
+    @staticmethod
+    def _retained(state: StreamState, position: int, what: str) -> int:
         if position < state.trimmed_to:
             raise ProtocolError(
                 410,
-                "offset is no longer retained; read from the earliest retained offset",
-                {P.STREAM_NEXT_OFFSET: format_offset(state.trimmed_to)},
+                f"{what} is no longer retained; read from the earliest retained offset",
+                {P.STREAM_NEXT_OFFSET: state.offset(state.trimmed_to)},
             )
         return position
+
+    def _source(self, state: StreamState) -> StreamState | None:
+        return self._streams.get(state.forked_from) if state.forked_from is not None else None
+
+    def _lineage(self, state: StreamState) -> set[int]:
+        """The incarnations whose offsets ``state`` may be read with: its own, its sources'."""
+        incarnations, seen = {state.incarnation}, {state.path}
+        source = self._source(state)
+        while source is not None and source.path not in seen:
+            incarnations.add(source.incarnation)
+            seen.add(source.path)
+            source = self._source(source)
+        return incarnations
+
+    def _is_boundary(self, state: StreamState, position: int) -> bool:
+        """Whether any offset of ``state``'s offset space points at ``position``."""
+        if state.is_own_boundary(position):
+            return True
+        source = self._source(state)
+        return source is not None and position < state.base and self._is_boundary(source, position)
+
+    def _issued(self, state: StreamState, incarnation: int, position: int) -> bool:
+        """Whether ``state``, or below its fork point its source, issued this offset."""
+        if incarnation == state.incarnation and self._is_boundary(state, position):
+            return True
+        source = self._source(state)
+        return (
+            source is not None
+            and position <= state.base
+            and self._issued(source, incarnation, position)
+        )
 
     def read(self, state: StreamState, after: int, max_bytes: int | None = None) -> ReadResult:
         """Records after ``after``, at most about ``max_bytes`` (at least one record)."""
@@ -516,11 +635,9 @@ class StreamStore:
             if size >= limit and index + 1 < len(records):
                 records = records[: index + 1]
                 end = records[-1].end
-                return ReadResult(records, end, format_offset(end), False, False)
+                return ReadResult(records, end, state.offset(end), False, False)
         end = records[-1].end if records else state.tail
-        return ReadResult(
-            records, end, format_offset(end), True, state.closed and end == state.tail
-        )
+        return ReadResult(records, end, state.offset(end), True, state.closed and end == state.tail)
 
     def _collect(self, state: StreamState, after: int, cap: int | None) -> list[Record]:
         records: list[Record] = []

@@ -49,8 +49,7 @@ from durable_client._ws_frames import (
 )
 
 from ._model import StreamState
-from ._offsets import format_offset
-from ._store import AppendRequest, Producer, ProtocolError, StreamStore
+from ._store import AppendRequest, Producer, ProtocolError, StreamStore, check_not_reserved
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -77,7 +76,8 @@ class WebSocketConfig:
 
 
 def stream_path(name: str) -> str:
-    """``sessions/x`` or ``/v1/stream/sessions/x`` as the store's path; 400 otherwise."""
+    """``sessions/x`` or ``/v1/stream/sessions/x`` as the store's path; 400 otherwise
+    (also for the protocol's reserved ``__ds`` names)."""
     if name.startswith(P.STREAM_PATH_PREFIX):
         path = name
     elif name.startswith("/"):
@@ -86,6 +86,7 @@ def stream_path(name: str) -> str:
         path = P.STREAM_PATH_PREFIX + name
     if path == P.STREAM_PATH_PREFIX:
         raise ProtocolError(400, "stream name is empty")
+    check_not_reserved(path)
     return path
 
 
@@ -274,6 +275,13 @@ class Connection:
     def send_frame(self, frame: Any) -> None:
         self.outbox.put(frame.model_dump_json(exclude_none=True))
 
+    def _about_stream(self, path: str | None, exc: ProtocolError) -> ProtocolError:
+        """``exc``, with the incarnation of the existing stream it is about (as over HTTP)."""
+        state = self.store.peek(path) if path is not None else None
+        if state is not None and exc.status != 404:
+            exc.headers.setdefault(P.STREAM_INCARNATION, state.incarnation_text)
+        return exc
+
     # ------------------------------------------------------------------ requests
 
     def handle(self, text: str) -> bool:
@@ -316,6 +324,7 @@ class Connection:
         self.hub.set(self, path, member)
 
     def _append(self, frame: Append) -> None:
+        path: str | None = None
         try:
             path = stream_path(frame.stream)
             state = self.store.require(path)
@@ -336,7 +345,7 @@ class Connection:
                 ),
             )
         except ProtocolError as exc:
-            self.send_frame(error_frame(exc, req=frame.req))
+            self.send_frame(error_frame(self._about_stream(path, exc), req=frame.req))
             return
         self.send_frame(
             Ack(
@@ -380,20 +389,22 @@ class Connection:
                 f"more than {self.config.max_subscriptions} subscriptions",
             )
             return
+        path: str | None = None
         try:
             path = stream_path(frame.stream)
             state = self.store.require(path)
             position = self.store.parse_read_offset(state, frame.offset)
         except ProtocolError as exc:
-            self.send_frame(error_frame(exc, sub=frame.sub))
+            self.send_frame(error_frame(self._about_stream(path, exc), sub=frame.sub))
             return
         self.store.touch(state)
         self.send_frame(
             Subscribed(
                 sub=frame.sub,
                 stream=path,
-                offset=format_offset(position),
+                offset=state.offset(position),
                 content_type=state.content_type,
+                incarnation=state.incarnation_text,
             )
         )
         self.hub.listen(self, path)
@@ -426,12 +437,14 @@ class Connection:
             current = self.store.get(state.path)
             if current is not state or state.soft_deleted:
                 status = 410 if current is state else 404
+                headers = {P.STREAM_INCARNATION: state.incarnation_text} if status == 410 else {}
                 self.send_frame(
                     Error(
                         status=status,
                         code=ERROR_CODES[status],
                         message="stream was deleted",
                         sub=sub,
+                        headers=headers,
                     )
                 )
                 return

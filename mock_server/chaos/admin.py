@@ -29,7 +29,6 @@ from pydantic import ValidationError
 from durable_client import _protocol as P
 
 from .._http import _respond
-from .._offsets import format_offset
 from .._store import ProtocolError
 from .plan import FaultPlan
 
@@ -132,7 +131,8 @@ def admin_routes(faults: ServerFaults) -> dict[str, Handler]:
         except ProtocolError as exc:
             await _error(send, exc.status, exc.message)
             return
-        await _json(send, 200, {"path": path, "trimmed_to": format_offset(floor)})
+        trimmed_to = faults.store.require(path).offset(floor)
+        await _json(send, 200, {"path": path, "trimmed_to": trimmed_to})
 
     async def reset(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"].upper() != "POST":

@@ -168,9 +168,11 @@ class AfterEvent(_Model):
 
 
 class AtOffset(_Model):
-    """At an offset of this server (``0000000000000000_0000000000000042``): a
+    """At an offset of this server (``<incarnation>_0000000000000042``): a
     read is cut right after the first append that ends at or past it; an append
-    that reaches it fires ``lost_ack`` or ``crash``."""
+    that reaches it fires ``lost_ack`` or ``crash``. Only the position counts:
+    a plan is often written before its stream exists, so any incarnation
+    (e.g. ``0000000000000000``) will do."""
 
     kind: Literal["at_offset"] = "at_offset"
     offset: str
@@ -189,7 +191,7 @@ class AtOffset(_Model):
     def position(self) -> int:
         from .._offsets import parse_offset
 
-        return parse_offset(self.offset)
+        return parse_offset(self.offset)[1]
 
 
 class Probability(_Model):

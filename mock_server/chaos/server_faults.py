@@ -46,7 +46,6 @@ from durable_client import _protocol as P
 
 from .._http import DurableStreamsApp, _respond, _sse_event, cursor_for
 from .._model import Record, StreamState
-from .._offsets import format_offset
 from .._store import ProtocolError, StreamStore, json_items
 from ._changes import Changes
 from .plan import (
@@ -394,8 +393,9 @@ class ServerFaults:
         except ProtocolError as exc:
             self._record(index, rule, req, f"not trimmed: {exc.message}")
             return
+        state = self.store.require(req.path)
         self._record(
-            index, rule, req, f"kept the last {fault.keep_last}; floor {format_offset(floor)}"
+            index, rule, req, f"kept the last {fault.keep_last}; floor {state.offset(floor)}"
         )
 
     def _rewind(
@@ -416,10 +416,10 @@ class ServerFaults:
         if back >= position:
             return scope
         query = [
-            (k, format_offset(back) if k == P.OFFSET_PARAM else v)
+            (k, state.offset(back) if k == P.OFFSET_PARAM else v)
             for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"))
         ]
-        self._record(index, rule, req, f"offset {req.offset} served from {format_offset(back)}")
+        self._record(index, rule, req, f"offset {req.offset} served from {state.offset(back)}")
         return {**scope, "query_string": urlencode(query).encode("latin-1")}
 
     async def _refuse(self, index: int, rule: Rule, req: _Request, conn: _Connection) -> None:
@@ -653,7 +653,7 @@ class ServerFaults:
             new = state.records[records_before:] if len(state.records) >= records_before else []
             point = self._cut_point(positional, new, tail_before, events_before)
             if point is not None:
-                hit = (point[0], point[1], f"append ending at {format_offset(state.tail)}")
+                hit = (point[0], point[1], f"append ending at {state.tail_offset}")
         if hit is None and lost_ack is not None:
             hit = (lost_ack[0], lost_ack[1], "response withheld")
         if hit is None:
@@ -801,7 +801,7 @@ class _ReadCutter:
     def _control_event(self, end: int) -> bytes:
         state = self.state
         closed = state.closed and end == state.tail
-        data: dict[str, Any] = {P.SSE_NEXT_OFFSET: format_offset(end)}
+        data: dict[str, Any] = {P.SSE_NEXT_OFFSET: state.offset(end)}
         if closed:
             data[P.SSE_CLOSED] = True
         else:
@@ -865,7 +865,7 @@ class _ReadCutter:
             }
             kept = [(k, v) for k, v in headers if k.lower() not in dropped]
             kept += [
-                (P.STREAM_NEXT_OFFSET.lower().encode(), format_offset(boundary).encode()),
+                (P.STREAM_NEXT_OFFSET.lower().encode(), self.state.offset(boundary).encode()),
                 (b"cache-control", b"no-store"),
                 (b"content-length", str(len(payload)).encode()),
                 (b"connection", b"close"),
@@ -994,7 +994,7 @@ class _WsCutter:
             shorter = {
                 **frame,
                 "messages": [json.loads(piece) for piece in pieces],
-                "offset": format_offset(boundary),
+                "offset": state.offset(boundary),
                 "up_to_date": at_tail,
                 "closed": at_tail and state.closed,
             }

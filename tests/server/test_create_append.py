@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 
 import httpx
 import pytest
+
+from mock_server.testing import serve
 
 S = "/v1/stream"
 
@@ -30,7 +34,9 @@ async def test_create_returns_201_with_location_and_offset(http: httpx.AsyncClie
     assert response.status_code == 201
     assert response.headers["Location"].endswith(f"{S}/a")
     assert response.headers["Content-Type"] == "text/plain"
-    assert response.headers["Stream-Next-Offset"] == "0000000000000000_0000000000000000"
+    incarnation = response.headers["Stream-Incarnation"]
+    assert re.fullmatch(r"\d{16}", incarnation)
+    assert response.headers["Stream-Next-Offset"] == f"{incarnation}_0000000000000000"
     assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
@@ -284,3 +290,53 @@ async def test_concurrent_appends_all_land_once_in_some_order(http: httpx.AsyncC
     offsets = [r.headers["Stream-Next-Offset"] for r in responses]
     assert len(set(offsets)) == 50
     assert sorted((await http.get(f"{S}/j")).json()) == list(range(50))
+
+
+async def test_a_retried_create_with_its_idempotency_key_is_201_again(
+    http: httpx.AsyncClient,
+) -> None:
+    """The client whose first answer was lost learns that it created the stream."""
+    headers = {"Content-Type": "text/plain", "Idempotency-Key": "create-1"}
+    first = await http.put(f"{S}/a", headers=headers, content=b"hi")
+    assert first.status_code == 201
+    await http.post(f"{S}/a", headers={"Content-Type": "text/plain"}, content=b"!")
+    retry = await http.put(f"{S}/a", headers=headers, content=b"hi")
+    assert retry.status_code == 201
+    for name in ("Location", "Content-Type", "Stream-Incarnation"):
+        assert retry.headers[name] == first.headers[name]
+    assert retry.headers["Stream-Next-Offset"] == await tail(http, f"{S}/a")
+    other_key = {**headers, "Idempotency-Key": "create-2"}
+    assert (await http.put(f"{S}/a", headers=other_key)).status_code == 200
+    assert (await http.put(f"{S}/a", headers={"Content-Type": "text/plain"})).status_code == 200
+    other_config = {**headers, "Content-Type": "application/json"}
+    assert (await http.put(f"{S}/a", headers=other_config)).status_code == 409
+
+
+async def test_an_idempotency_key_only_counts_for_the_put_that_created(
+    http: httpx.AsyncClient,
+) -> None:
+    assert (await http.put(f"{S}/a", headers={"Content-Type": "text/plain"})).status_code == 201
+    keyed = {"Content-Type": "text/plain", "Idempotency-Key": "late"}
+    assert (await http.put(f"{S}/a", headers=keyed)).status_code == 200
+    assert (await http.put(f"{S}/a", headers=keyed)).status_code == 200
+
+
+@pytest.mark.parametrize("key", ["", "k" * 257])
+async def test_a_bad_idempotency_key_is_400(http: httpx.AsyncClient, key: str) -> None:
+    headers = {"Content-Type": "text/plain", "Idempotency-Key": key}
+    response = await http.put(f"{S}/a", headers=headers)
+    assert response.status_code == 400
+    assert "Idempotency-Key" in response.text
+    assert (await http.head(f"{S}/a")).status_code == 404
+
+
+async def test_the_idempotency_key_survives_an_sqlite_restart(tmp_path: Path) -> None:
+    headers = {"Content-Type": "text/plain", "Idempotency-Key": "create-1"}
+    statuses = []
+    for _ in range(2):
+        async with (
+            serve(data_dir=tmp_path / "data") as running,
+            httpx.AsyncClient(base_url=running.url) as http,
+        ):
+            statuses.append((await http.put(f"{S}/a", headers=headers)).status_code)
+    assert statuses == [201, 201]

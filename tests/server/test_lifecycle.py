@@ -72,7 +72,21 @@ async def test_fork_at_an_offset_and_sub_offset(http: httpx.AsyncClient) -> None
         (
             {
                 "Stream-Forked-From": f"{S}/src",
-                "Stream-Fork-Offset": "0000000000000000_0000000000000099",
+                "Stream-Fork-Offset": "INCARNATION_0000000000000099",  # past the tail
+            },
+            400,
+        ),
+        (
+            {
+                "Stream-Forked-From": f"{S}/src",
+                "Stream-Fork-Offset": "INCARNATION_0000000000000001",  # inside the body
+            },
+            400,
+        ),
+        (
+            {
+                "Stream-Forked-From": f"{S}/src",
+                "Stream-Fork-Offset": "9999999999999999_9999999999999999",
             },
             400,
         ),
@@ -83,7 +97,9 @@ async def test_fork_at_an_offset_and_sub_offset(http: httpx.AsyncClient) -> None
 async def test_bad_forks_are_refused(
     http: httpx.AsyncClient, headers: dict[str, str], status: int
 ) -> None:
-    await http.put(f"{S}/src", headers=TEXT, content=b"ab")
+    source = await http.put(f"{S}/src", headers=TEXT, content=b"ab")
+    incarnation = source.headers["Stream-Incarnation"]
+    headers = {k: v.replace("INCARNATION", incarnation) for k, v in headers.items()}
     response = await http.put(f"{S}/fork", headers=headers)
     assert response.status_code == status
     assert (await http.head(f"{S}/fork")).status_code == 404
@@ -122,3 +138,27 @@ async def test_health_and_unknown_routes(http: httpx.AsyncClient) -> None:
     assert health.json()["status"] == "ok"
     assert (await http.get("/elsewhere")).status_code == 404
     assert (await http.patch(f"{S}/x")).status_code == 405
+
+
+@pytest.mark.parametrize("path", [f"{S}/__ds", f"{S}/__ds/subscriptions/x"])
+@pytest.mark.parametrize("method", ["PUT", "POST", "GET", "HEAD", "DELETE"])
+async def test_the_reserved_prefix_is_400_and_never_a_stream(
+    http: httpx.AsyncClient, path: str, method: str
+) -> None:
+    before = (await http.get("/health")).json()["streams"]
+    response = await http.request(
+        method, path, headers=TEXT, content=b"" if method != "POST" else b"x"
+    )
+    assert response.status_code == 400
+    if method != "HEAD":
+        assert "is reserved by the protocol for its subscription API" in response.text
+    assert (await http.get("/health")).json()["streams"] == before
+
+
+async def test_names_that_only_start_like_the_reserved_prefix_are_streams(
+    http: httpx.AsyncClient,
+) -> None:
+    assert (await http.put(f"{S}/__dsx", headers=TEXT)).status_code == 201
+    assert (await http.put(f"{S}/a/__ds", headers=TEXT)).status_code == 201
+    fork = await http.put(f"{S}/fork", headers={"Stream-Forked-From": f"{S}/__ds/x"})
+    assert fork.status_code == 400

@@ -99,11 +99,15 @@ async def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
         assert stored == list(range(len(stored)))  # a prefix, in order, nothing torn
         last = stored[-1]
         # Producer state survived: the last seq is a duplicate, the next is accepted.
-        duplicate = await http.post(f"{S}/log", headers=producer(1, last), content=b"0")
+        duplicate = await http.post(f"{S}/log", headers=producer(1, last), content=str(last))
         assert duplicate.status_code == 204
-        # Where a recent request landed survives the restart too (at most 20 came after 199).
-        original = await http.post(f"{S}/log", headers=producer(1, 199), content=b"0")
+        # Where a recent request landed survives the restart too (at most 20 came after 199),
+        # and so does what it carried: the same seq with other data is refused.
+        original = await http.post(f"{S}/log", headers=producer(1, 199), content=b"199")
         assert original.headers["Stream-Next-Offset"] == offsets[199]
+        reused = await http.post(f"{S}/log", headers=producer(1, 199), content=b"0")
+        assert reused.status_code == 403
+        assert reused.headers["Producer-Epoch"] == "1"
         stale = await http.post(f"{S}/log", headers=producer(0, 0), content=b"0")
         assert stale.status_code == 403
         following = await http.post(f"{S}/log", headers=producer(1, last + 1), content=b"-1")

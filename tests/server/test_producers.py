@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
+from pathlib import Path
 
 import httpx
 import pytest
+
+from mock_server.testing import serve
 
 PATH = "/v1/stream/p"
 JSON = {"Content-Type": "application/json"}
@@ -158,3 +163,77 @@ async def test_a_duplicate_reports_where_the_original_landed(
     retry = await http.post(stream, headers=producer("w", 0, 0), content=b"1")
     assert retry.status_code == 204
     assert retry.headers["Stream-Next-Offset"] == first.headers["Stream-Next-Offset"]
+
+
+async def test_a_reused_seq_with_other_data_is_403_not_a_silent_duplicate(
+    http: httpx.AsyncClient, stream: str
+) -> None:
+    """A producer that restarted and reuses its epoch would lose its data to a 204."""
+    await http.post(stream, headers=producer("w", 0, 0), content=b'{"n":1}')
+    same = await http.post(stream, headers=producer("w", 0, 0), content=b'[{"n": 1}]')
+    assert same.status_code == 204  # the same messages, however the JSON is spelled
+    reused = await http.post(stream, headers=producer("w", 0, 0), content=b'{"n":2}')
+    assert reused.status_code == 403
+    assert reused.headers["Producer-Epoch"] == "0"
+    assert "Producer-Seq 0 of epoch 0 was already used for different data" in reused.text
+    assert "Producer-Epoch > 0" in reused.text
+    assert await messages(http) == [{"n": 1}]
+    # What a client with auto-claim does next: a new epoch, from seq 0, lands.
+    claimed = await http.post(stream, headers=producer("w", 1, 0), content=b'{"n":2}')
+    assert claimed.status_code == 200
+    assert await messages(http) == [{"n": 1}, {"n": 2}]
+
+
+async def test_a_reused_seq_that_now_closes_is_403_and_closes_nothing(
+    http: httpx.AsyncClient, stream: str
+) -> None:
+    await http.post(stream, headers=producer("w", 0, 0), content=b"1")
+    closing = {**producer("w", 0, 0), "Stream-Closed": "true"}
+    assert (await http.post(stream, headers=closing, content=b"1")).status_code == 403
+    assert "Stream-Closed" not in (await http.head(stream)).headers
+
+
+async def test_a_retried_close_with_another_body_is_still_a_duplicate(
+    http: httpx.AsyncClient, stream: str
+) -> None:
+    """Once closed, the closing request's retry is a 204 whatever its body (conformance)."""
+    closing = {**producer("w", 0, 0), "Stream-Closed": "true"}
+    assert (await http.post(stream, headers=closing, content=b"1")).status_code == 200
+    retry = await http.post(stream, headers=closing, content=b"2")
+    assert retry.status_code == 204
+    assert await messages(http) == [1]
+
+
+async def test_the_content_check_survives_an_sqlite_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    for restart in range(2):
+        async with (
+            serve(data_dir=data_dir) as running,
+            httpx.AsyncClient(base_url=running.url) as http,
+        ):
+            if restart == 0:
+                await http.put(PATH, headers=JSON)
+                await http.post(PATH, headers=producer("w", 0, 0), content=b"1")
+                continue
+            same = await http.post(PATH, headers=producer("w", 0, 0), content=b"1")
+            assert same.status_code == 204
+            reused = await http.post(PATH, headers=producer("w", 0, 0), content=b"2")
+            assert (reused.status_code, reused.headers["Producer-Epoch"]) == (403, "0")
+            assert await messages(http) == [1]
+
+
+async def test_a_producer_stored_before_digests_keeps_plain_duplicates(tmp_path: Path) -> None:
+    """Rows of the old form ``{seq: end}`` carry no digest: a duplicate stays a 204."""
+    data_dir = tmp_path / "data"
+    async with serve(data_dir=data_dir) as running, httpx.AsyncClient(base_url=running.url) as http:
+        await http.put(PATH, headers=JSON)
+        first = await http.post(PATH, headers=producer("w", 0, 0), content=b"1")
+    db = sqlite3.connect(data_dir / "streams.sqlite3")
+    db.execute("UPDATE producers SET landed = ?", (json.dumps({"0": 1}),))
+    db.commit()
+    db.close()
+    async with serve(data_dir=data_dir) as running, httpx.AsyncClient(base_url=running.url) as http:
+        retry = await http.post(PATH, headers=producer("w", 0, 0), content=b"2")
+        assert retry.status_code == 204
+        assert retry.headers["Stream-Next-Offset"] == first.headers["Stream-Next-Offset"]
+        assert await messages(http) == [1]

@@ -80,7 +80,7 @@ async def test_offset_now_returns_the_tail_without_data(http: httpx.AsyncClient)
         ({"offset": "abc"}, "invalid offset"),
         ({"offset": "0,1"}, "invalid offset"),
         ({"offset": ""}, "empty offset"),
-        ({"offset": "0000000000000000_0000000000099999"}, "beyond the end"),
+        ({"offset": "INCARNATION_0000000000099999"}, "beyond the end"),
         ({"live": "long-poll"}, "needs an offset"),
         ({"live": "sse"}, "needs an offset"),
         ({"offset": "-1", "live": "websocket"}, "live must be"),
@@ -90,6 +90,8 @@ async def test_bad_read_parameters_are_400(
     http: httpx.AsyncClient, params: dict[str, str], message: str
 ) -> None:
     await make(http, f"{S}/t", b"x")
+    incarnation = (await http.head(f"{S}/t")).headers["Stream-Incarnation"]
+    params = {k: v.replace("INCARNATION", incarnation) for k, v in params.items()}
     response = await http.get(f"{S}/t", params=params)
     assert response.status_code == 400
     assert message in response.text
@@ -151,7 +153,8 @@ async def test_head_reports_metadata_without_a_body(http: httpx.AsyncClient) -> 
     assert response.headers["Content-Type"] == "text/plain"
     assert response.headers["Stream-TTL"] == "300"
     assert response.headers["Cache-Control"] == "no-store"
-    assert response.headers["Stream-Next-Offset"] == "0000000000000000_0000000000000003"
+    incarnation = response.headers["Stream-Incarnation"]
+    assert response.headers["Stream-Next-Offset"] == f"{incarnation}_0000000000000003"
     assert response.content == b""
     assert (await http.head(f"{S}/missing")).status_code == 404
 

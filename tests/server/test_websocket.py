@@ -400,3 +400,60 @@ async def test_a_live_subscriber_learns_of_a_close_without_data(
         last = await client.type("data")
         assert last["closed"] is True
         assert last["messages"] == []
+
+
+async def test_subscribed_and_errors_name_the_streams_incarnation(
+    server: RunningServer, http: httpx.AsyncClient
+) -> None:
+    await make_stream(http, "s", b"[1]")
+    head = await http.head(f"{S}/s")
+    incarnation = head.headers["Stream-Incarnation"]
+    async with ws_client(server) as client:
+        await client.send(op="subscribe", sub="a", stream="s", offset="-1")
+        subscribed = await client.type("subscribed")
+        assert subscribed["incarnation"] == incarnation
+        assert subscribed["offset"] == f"{incarnation}_0000000000000000"
+        await client.send(op="subscribe", sub="b", stream="s", offset="garbage")
+        refused = await client.next(lambda f: f["type"] == "error" and f.get("sub") == "b")
+        assert refused["headers"]["Stream-Incarnation"] == incarnation
+        await client.send(op="append", req="r", stream="s", data="text", content_type="text/plain")
+        conflict = await client.next(lambda f: f["type"] == "error" and f.get("req") == "r")
+        assert (conflict["status"], conflict["headers"]["Stream-Incarnation"]) == (409, incarnation)
+        await client.send(op="subscribe", sub="c", stream="missing")
+        missing = await client.next(lambda f: f["type"] == "error" and f.get("sub") == "c")
+        assert "Stream-Incarnation" not in missing["headers"]
+
+
+async def test_a_reused_producer_seq_with_other_data_is_refused_over_the_socket(
+    server: RunningServer, http: httpx.AsyncClient
+) -> None:
+    await make_stream(http, "s")
+    async with ws_client(server) as client:
+        producer = {"id": "p", "epoch": 0, "seq": 0}
+        await client.send(op="append", req="r1", stream="s", data=[1], producer=producer)
+        assert (await client.type("ack"))["duplicate"] is False
+        await client.send(op="append", req="r2", stream="s", data=[1], producer=producer)
+        assert (await client.type("ack"))["duplicate"] is True
+        await client.send(op="append", req="r3", stream="s", data=[2], producer=producer)
+        error = await client.type("error")
+        assert (error["req"], error["status"], error["code"]) == ("r3", 403, "stale_epoch")
+        assert error["headers"]["Producer-Epoch"] == "0"
+        assert "already used for different data" in error["message"]
+    assert (await http.get(f"{S}/s")).json() == [1]
+
+
+@pytest.mark.parametrize("name", ["__ds", "__ds/subscriptions/x", f"{S}/__ds/jwks.json"])
+async def test_the_reserved_prefix_is_refused_and_the_socket_stays_up(
+    server: RunningServer, http: httpx.AsyncClient, name: str
+) -> None:
+    streams = (await http.get("/health")).json()["streams"]
+    async with ws_client(server) as client:
+        await client.send(op="subscribe", sub="a", stream=name)
+        await client.send(op="append", req="r", stream=name, data=[1])
+        await client.send(op="presence", stream=name, client_id="me")
+        errors = [await client.type("error") for _ in range(3)]
+        assert [e["status"] for e in errors] == [400, 400, 400]
+        assert all("reserved by the protocol" in e["message"] for e in errors)
+        await client.send(op="ping", req="still-up")
+        assert (await client.type("pong"))["req"] == "still-up"
+    assert (await http.get("/health")).json()["streams"] == streams
