@@ -19,10 +19,12 @@ Everything ``durable_client`` raises on purpose derives from
     │   │   ├── SequenceConflict      409: Stream-Seq did not increase
     │   │   └── SequenceGap           409: Producer-Seq skipped ahead (expected/received)
     │   ├── OffsetGone                410: the offset is no longer retained (or soft-deleted)
+    │   ├── StreamReplaced            the stream was deleted and re-created since the position
     │   ├── BadRequest                400: malformed request, bad offset, bad producer headers
     │   ├── Unauthorized              401
     │   ├── Forbidden                 403 without producer context
     │   │   └── StaleEpoch            403 + Producer-Epoch: a newer producer epoch fenced us
+    │   │       └── EpochReused       this producer id and epoch already wrote other data
     │   ├── PayloadTooLarge           413
     │   ├── UnexpectedStatus          any other status we cannot interpret
     │   ├── ProtocolViolation         the answer breaks the protocol (bad JSON, bad SSE, offsets)
@@ -61,6 +63,7 @@ __all__ = [
     "ConnectError",
     "ConnectionLost",
     "DurableError",
+    "EpochReused",
     "FatalError",
     "Forbidden",
     "OffsetGone",
@@ -78,6 +81,7 @@ __all__ = [
     "StreamClosed",
     "StreamConflict",
     "StreamNotFound",
+    "StreamReplaced",
     "TransportError",
     "TurnCancelled",
     "Unauthorized",
@@ -243,6 +247,32 @@ class OffsetGone(FatalError):
         self.offset = offset
 
 
+class StreamReplaced(FatalError):
+    """The stream at this URL is not the one a saved position belongs to: it was
+    deleted and re-created (or its server lost it and it was created anew) since.
+    Its offsets mean nothing in the new stream, so resuming would skip or repeat
+    silently; the SDK stops instead (or starts the new stream from its
+    beginning, if the subscription was asked to).
+
+    ``expected`` is the incarnation the position belongs to, ``actual`` the one
+    the server has now (``None`` when it did not say).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        expected: str | None = None,
+        actual: str | None = None,
+    ) -> None:
+        super().__init__(message, url=url, status=status, headers=headers)
+        self.expected = expected
+        self.actual = actual
+
+
 class BadRequest(FatalError):
     """HTTP 400: the server rejected the request as malformed."""
 
@@ -269,6 +299,14 @@ class StaleEpoch(Forbidden):
     ) -> None:
         super().__init__(message, url=url, status=status, headers=headers)
         self.current_epoch = current_epoch
+
+
+class EpochReused(StaleEpoch):
+    """This producer id and epoch already wrote other data to the stream: an
+    earlier run, or another instance, used the same stamps. Sending on would
+    have the new data taken for retries of the old and dropped, so the producer
+    stops (or, with ``auto_claim``, moves to a new epoch and sends it there). A
+    restarted producer with a stable id must start a new epoch."""
 
 
 class PayloadTooLarge(FatalError):
@@ -422,7 +460,8 @@ def error_from_status(
         epoch = _parse_int(h.get(PRODUCER_EPOCH.lower()))
         if epoch is not None:
             return StaleEpoch(
-                f"{operation} failed: stale producer epoch (server epoch {epoch})",
+                f"{operation} failed: producer epoch refused (server epoch {epoch})"
+                + (f": {detail}" if detail else ""),
                 url=url,
                 status=status,
                 headers=h,

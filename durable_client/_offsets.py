@@ -66,21 +66,40 @@ class Position:
 
     offset: str
     skip: int = 0
+    #: Which incarnation of the stream the offset belongs to, as the server
+    #: reported it (``Stream-Incarnation``); ``None`` if it did not say. A stream
+    #: deleted and re-created at the same URL is a new incarnation, and an offset
+    #: of the old one means nothing in it: resuming there raises
+    #: :class:`StreamReplaced` instead of skipping silently.
+    incarnation: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.offset, str) or not self.offset:
             raise UsageError("a position needs a non-empty offset")
-        if self.skip < 0:
-            raise UsageError("skip must be >= 0")
+        if not isinstance(self.skip, int) or isinstance(self.skip, bool) or self.skip < 0:
+            raise UsageError("skip must be an integer >= 0")
+        if self.incarnation is not None and (
+            not isinstance(self.incarnation, str) or not self.incarnation
+        ):
+            raise UsageError("incarnation must be a non-empty string or None")
 
     @classmethod
-    def beginning(cls) -> Position:
+    def beginning(cls, incarnation: str | None = None) -> Position:
         """The start of the stream."""
-        return cls(OFFSET_BEGINNING)
+        return cls(OFFSET_BEGINNING, 0, incarnation)
+
+    def with_incarnation(self, incarnation: str | None) -> Position:
+        """This position, tied to ``incarnation``."""
+        if incarnation == self.incarnation:
+            return self
+        return Position(self.offset, self.skip, incarnation)
 
     def to_json(self) -> dict[str, object]:
         """A JSON-friendly form (what the file store writes)."""
-        return {"offset": self.offset, "skip": self.skip}
+        data: dict[str, object] = {"offset": self.offset, "skip": self.skip}
+        if self.incarnation is not None:
+            data["incarnation"] = self.incarnation
+        return data
 
     @classmethod
     def from_json(cls, data: object) -> Position:
@@ -89,9 +108,12 @@ class Position:
             raise UsageError("a saved position must be a JSON object")
         offset = data.get("offset")
         skip = data.get("skip", 0)
+        incarnation = data.get("incarnation")
         if not isinstance(offset, str) or not isinstance(skip, int) or isinstance(skip, bool):
             raise UsageError("a saved position needs a string offset and an integer skip")
-        return cls(offset, skip)
+        if incarnation is not None and not isinstance(incarnation, str):
+            raise UsageError("a saved position's incarnation must be a string")
+        return cls(offset, skip, incarnation)
 
     def __str__(self) -> str:
         return self.offset if self.skip == 0 else f"{self.offset}+{self.skip}"
@@ -138,10 +160,14 @@ class ResumeTracker:
         remaining_skip = max(0, skip - len(messages))
         out: list[tuple[T, Position]] = []
         last = len(fresh) - 1
+        incarnation = current.incarnation
         for i, message in enumerate(fresh):
-            after = Position(next_offset, 0) if i == last else Position(batch_start, skip + i + 1)
+            if i == last:
+                after = Position(next_offset, 0, incarnation)
+            else:
+                after = Position(batch_start, skip + i + 1, incarnation)
             out.append((message, after))
-        self.position = Position(next_offset, remaining_skip)
+        self.position = Position(next_offset, remaining_skip, incarnation)
         return out
 
 

@@ -25,6 +25,14 @@ Rules the producer follows, each for a reason:
   (or use ``auto_claim``): the new epoch fences the old instance. In a
   running process, :meth:`IdempotentProducer.restart` does the same (and
   recovers a producer that failed, e.g. after a server lost its state).
+- A duplicate answer is believed only for a true retry: a batch whose earlier
+  attempt may have reached the server. A duplicate answer to a batch's first
+  attempt means an earlier run or another instance already used this id and
+  epoch (the server took our new data for a retry of theirs and dropped it):
+  :class:`EpochReused`, a :class:`StaleEpoch`, so with ``auto_claim`` the
+  producer moves to a new epoch and sends the batch there, and without it the
+  producer fails. Our server also compares a duplicate's bytes with the
+  original's and refuses a mismatch with 403, which ends the same way.
 - Retryable errors (transport, timeouts, 429, 5xx) are retried with the same
   stamp per the retry policy; any other error fails the producer: every
   pending append raises it, and so does the next :meth:`flush`.
@@ -36,6 +44,7 @@ import asyncio
 import contextlib
 import enum
 import json
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ._errors import (
     ClientClosed,
     DurableError,
+    EpochReused,
     SequenceGap,
     StaleEpoch,
     UsageError,
@@ -168,6 +178,9 @@ class _Batch:
     stamp: ProducerStamp | None = None
     state: _BatchState = _BatchState.OPEN
     done: asyncio.Future[None] | None = None
+    # Attempts with the current stamp whose outcome is unknown (they may have
+    # been written): only after one is a duplicate answer a true retry.
+    tries: int = 0
 
 
 class IdempotentProducer:
@@ -175,9 +188,15 @@ class IdempotentProducer:
 
     Args:
         sink: the stream (a :class:`DurableStream`) or transport to write to.
-        producer_id: a stable, non-empty name for this producer.
+        producer_id: the producer's name on this stream. By default a fresh
+            random one, which is the safe choice: each producer object is its own
+            producer, and nothing it sends can be taken for another's retry. A
+            stable name (to fence an older instance of the same writer) is
+            opt-in, and then a new run must start a new epoch: pass
+            ``epoch=previous + 1`` or ``auto_claim=True`` (otherwise its first
+            batch raises :class:`EpochReused` rather than being dropped).
         epoch: the epoch to start in (a restarted owner passes previous + 1).
-        auto_claim: on 403, take over from the server's epoch + 1.
+        auto_claim: on 403 (or a reused epoch), take over from the server's epoch + 1.
         linger: seconds a batch waits for more items before it is sent.
         max_batch_bytes: a batch is sent once it holds this many bytes.
         max_batch_items: ... or this many items (``None``: no item limit).
@@ -192,7 +211,7 @@ class IdempotentProducer:
     def __init__(
         self,
         sink: BatchSink,
-        producer_id: str,
+        producer_id: str | None = None,
         *,
         epoch: int = 0,
         auto_claim: bool = False,
@@ -213,6 +232,8 @@ class IdempotentProducer:
         if max_in_flight < 1:
             raise UsageError("max_in_flight must be >= 1")
         self._sink = sink
+        if producer_id is None:
+            producer_id = f"producer-{uuid.uuid4().hex[:16]}"
         self._state = ProducerState(producer_id, epoch, auto_claim=auto_claim)
         self.linger = linger
         self.max_batch_bytes = max_batch_bytes
@@ -452,6 +473,7 @@ class IdempotentProducer:
             self._fence = None
             for batch in self._stamped:
                 batch.stamp = self._state.next_stamp()
+                batch.tries = 0
                 batch.state = _BatchState.QUEUED
         # Resend batches that are waiting, in seq order.
         first_open = next((b for b in self._stamped if b.state is not _BatchState.DONE), None)
@@ -486,7 +508,22 @@ class IdempotentProducer:
             assert stamp is not None
 
             async def attempt(stamp: ProducerStamp = stamp) -> AppendResult:
-                return await self._sink.send_batch(batch.items, stamp=stamp, close=batch.close)
+                earlier = batch.tries > 0
+                batch.tries += 1
+                result = await self._sink.send_batch(batch.items, stamp=stamp, close=batch.close)
+                # (A close with no data answers 204 new or not: nothing to tell.)
+                if result.duplicate and not earlier and batch.items:
+                    raise EpochReused(
+                        f"producer {stamp.producer_id!r} epoch {stamp.epoch} seq {stamp.seq} "
+                        "was already used (an earlier run or another instance with this id "
+                        "and epoch), so the server took this new batch for a retry and did "
+                        "not write it. Start a new epoch (epoch=previous + 1, or "
+                        "auto_claim=True), or use a producer id of its own per run",
+                        url=self._sink.url,
+                        status=result.status,
+                        current_epoch=stamp.epoch,
+                    )
+                return result
 
             try:
                 # Retryable failures are retried here (tenacity) with the same
@@ -501,6 +538,7 @@ class IdempotentProducer:
             except asyncio.CancelledError:
                 raise
             except SequenceGap as exc:
+                batch.tries = 0  # refused: nothing of this attempt was written
                 if exc.received_seq is not None and exc.received_seq != stamp.seq:
                     self._fail_all(exc)
                     return
@@ -517,6 +555,15 @@ class IdempotentProducer:
                     return
                 continue
             except StaleEpoch as exc:
+                if exc.current_epoch == stamp.epoch and not isinstance(exc, EpochReused):
+                    # Our server's content check: same epoch, but other bytes.
+                    exc = EpochReused(
+                        exc.message,
+                        url=exc.url,
+                        status=exc.status,
+                        headers=exc.headers,
+                        current_epoch=exc.current_epoch,
+                    )
                 if exc.current_epoch is not None:
                     self._seen_epoch = max(self._seen_epoch or 0, exc.current_epoch)
                 if not self._state.auto_claim:

@@ -51,11 +51,13 @@ import httpx
 from pydantic import ValidationError
 
 from ._errors import (
+    BadRequest,
     ClientClosed,
     ConnectionLost,
     DurableError,
     PresenceUnavailable,
     RetryableError,
+    StreamReplaced,
     UsageError,
 )
 from ._events import (
@@ -74,7 +76,7 @@ from ._events import (
 )
 from ._offsets import EventIdDeduper, OffsetStore, Position, ResumeTracker
 from ._producer import IdempotentProducer, ProducerStamp
-from ._protocol import JSON_CONTENT_TYPE, OFFSET_BEGINNING, OFFSET_NOW
+from ._protocol import JSON_CONTENT_TYPE, OFFSET_BEGINNING, OFFSET_NOW, STREAM_INCARNATION
 from ._retry import Backoff, ReconnectPolicy, RetryPolicy
 from ._state import ConnectionStatus, StatusFeed
 from ._stream import AppendResult, DurableStream, DynamicValue
@@ -92,6 +94,7 @@ from ._ws_frames import Member
 
 __all__ = [
     "DEFAULT_SESSION_PATH",
+    "OnReplaced",
     "PublishAck",
     "Session",
     "StartPoint",
@@ -109,6 +112,12 @@ StartPoint: TypeAlias = Literal["beginning", "now"] | Position | str
 #: Which transport a session uses: ``"auto"`` (WebSocket if the server offers
 #: it, else HTTP), ``"websocket"`` or ``"http"``.
 TransportChoice: TypeAlias = Literal["auto", "websocket", "http"]
+
+#: What a subscription does when the session's stream turns out to be a new
+#: incarnation (deleted and re-created since its position was taken):
+#: ``"raise"`` :class:`StreamReplaced`, or ``"restart"`` from the new stream's
+#: beginning (``Subscription.replacements`` counts how often).
+OnReplaced: TypeAlias = Literal["raise", "restart"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,9 +227,16 @@ class Subscription:
             async for event in events:
                 ...
 
-    Iteration ends when the session's stream is closed; a fatal error (for
+    Iteration ends when the session's stream is closed, or when the
+    subscription (or its session) is closed, from any task; a fatal error (for
     example :class:`OffsetGone`) is raised from the iteration after the events
     before it. Closing a subscription cancels nothing in the session.
+
+    A position belongs to one incarnation of the stream. If the stream was
+    deleted and re-created since (or its server lost it and it was created
+    anew), the subscription raises :class:`StreamReplaced` rather than resume
+    at an offset that means nothing there; with ``on_replaced="restart"`` it
+    starts over from the new stream's beginning instead.
     """
 
     def __init__(
@@ -232,9 +248,17 @@ class Subscription:
         consumer: str,
         queue_size: int,
         dedupe_capacity: int,
+        on_replaced: OnReplaced = "raise",
     ) -> None:
+        if on_replaced not in ("raise", "restart"):
+            raise UsageError(f"on_replaced must be 'raise' or 'restart': {on_replaced!r}")
         self._session = session
         self._start = start
+        self.on_replaced: OnReplaced = on_replaced
+        self._dedupe_capacity = dedupe_capacity
+        #: How many times the stream was found replaced and reading started over
+        #: from the new stream's beginning (``on_replaced="restart"``).
+        self.replacements = 0
         self._store = offset_store
         self.consumer = consumer
         self.key = f"{session.url}#{consumer}"
@@ -306,12 +330,12 @@ class Subscription:
     # --- consumer side -------------------------------------------------------------
 
     async def __anext__(self) -> AnyEvent:
-        if self._done:
+        if self._done or self._closed:
             raise StopAsyncIteration
         self._ensure_started()
         await self._commit()
         while True:
-            item = await self._queue.get()
+            item = await self._next_item()
             if isinstance(item, _Delivery):
                 self.position = item.position
                 if item.caught_up:
@@ -327,6 +351,27 @@ class Subscription:
             if isinstance(item, _Failure):
                 raise item.error
             raise StopAsyncIteration
+
+    async def _next_item(self) -> _QueueItem:
+        """The next item of the pump, or the end once the subscription is closed
+        or the pump stopped (a consumer never waits on a pump that is gone)."""
+        queue = self._queue
+        while True:
+            if self._closed:
+                return _END
+            if not queue.empty():
+                return queue.get_nowait()
+            task = self._task
+            if task is None or task.done():
+                return _END
+            getter = asyncio.ensure_future(queue.get())
+            try:
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()  # the item, if any, stays in the queue
+            if getter.done() and not getter.cancelled():
+                return getter.result()
 
     async def _commit(self) -> None:
         pending = self._pending
@@ -388,6 +433,18 @@ class Subscription:
                                 productive = True
                                 backoff.reset()
                                 feed.connected()
+                            if batch.incarnation is not None:
+                                known = tracker.position.incarnation
+                                if known is None:
+                                    # From now on the position (and what an offset
+                                    # store saves) names the incarnation it is in.
+                                    tracker.position = tracker.position.with_incarnation(
+                                        batch.incarnation
+                                    )
+                                    await self._queue.put(_Delivery(None, tracker.position))
+                                elif known != batch.incarnation:
+                                    tracker = await self._replaced(known, batch.incarnation)
+                                    break
                             caught_up = batch.up_to_date and not caught_up_sent
                             caught_up_sent = caught_up_sent or caught_up
                             await self._take(tracker, batch, caught_up=caught_up)
@@ -402,6 +459,14 @@ class Subscription:
                             "the connection ended before any data", url=session.url
                         )
                     # The server ended the connection cleanly: resume at once.
+                except BadRequest as exc:
+                    # A server that tracks incarnations refuses an offset of an
+                    # earlier one (400) and says which incarnation it has now.
+                    actual = exc.headers.get(STREAM_INCARNATION.lower())
+                    known = tracker.position.incarnation if tracker is not None else None
+                    if known is None or actual is None or actual == known:
+                        raise
+                    tracker = await self._replaced(known, actual)
                 except RetryableError as exc:
                     delay = backoff.failure(exc)
                     if delay is None:
@@ -415,6 +480,24 @@ class Subscription:
             await self._queue.put(_Failure(exc))
         except Exception as exc:  # a bug: surface it to the consumer, not the loop
             await self._queue.put(_Failure(exc))
+
+    async def _replaced(self, expected: str, actual: str) -> ResumeTracker:
+        """The stream is a new incarnation: raise, or start over at its beginning."""
+        if self.on_replaced == "raise":
+            raise StreamReplaced(
+                "the session's stream was deleted and re-created (or its server lost it) "
+                f"since this position was taken (incarnation {expected}, now {actual}); "
+                "its offsets mean nothing in the new stream. Subscribe from the beginning, "
+                "or pass on_replaced='restart'",
+                url=self._session.url,
+                expected=expected,
+                actual=actual,
+            )
+        self.replacements += 1
+        self._dedupe = EventIdDeduper(self._dedupe_capacity)
+        start = Position.beginning(actual)
+        await self._queue.put(_Delivery(None, start))
+        return ResumeTracker(start)
 
     async def _take(
         self, tracker: ResumeTracker, batch: TransportBatch, *, caught_up: bool
@@ -457,9 +540,12 @@ class Session:
         reconnect: how subscriptions reconnect and publishes are retried
             (default: forever, with capped jittered backoff).
         producer_id: the idempotent producer id for publishes (default: the
-            author id plus a random suffix, unique per Session object).
+            author id plus a random suffix, unique per Session object). A
+            stable id is opt-in; a rerun with it must start a new epoch, which
+            ``auto_claim`` does for it (a reused epoch raises
+            :class:`EpochReused` otherwise, and never drops a publish).
         producer_epoch: the producer's starting epoch.
-        auto_claim: take over the producer id on 403 (stale epoch).
+        auto_claim: take over the producer id on 403 (stale or reused epoch).
         publish_linger: seconds a publish waits to share a request with others.
         rng: random source for jitter (tests pass a seeded one).
     """
@@ -731,12 +817,15 @@ class Session:
         consumer: str = "default",
         queue_size: int = 1024,
         dedupe_capacity: int = 10_000,
+        on_replaced: OnReplaced = "raise",
     ) -> Subscription:
         """Events from ``start`` on: history, then live, each exactly once, in order.
 
         With an ``offset_store`` holding a position for ``consumer`` in this
         session, the subscription resumes there and ``start`` is ignored; it
-        saves its position as events are processed.
+        saves its position as events are processed. ``on_replaced`` says what
+        happens if the stream was deleted and re-created since that position
+        (see :class:`Subscription`).
         """
         self._check_open()
         subscription = Subscription(
@@ -746,6 +835,7 @@ class Session:
             consumer=consumer,
             queue_size=queue_size,
             dedupe_capacity=dedupe_capacity,
+            on_replaced=on_replaced,
         )
         self._subscriptions.add(subscription)
         return subscription

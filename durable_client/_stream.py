@@ -17,6 +17,7 @@ import binascii
 import contextlib
 import json
 import random
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -78,6 +79,8 @@ class ReadBatch:
         closed: the stream is closed and this batch reached its end (EOF).
         cursor: the server's cursor, echoed on the next live request.
         status: the HTTP status of the response that carried the batch.
+        incarnation: which incarnation of the stream answered
+            (``Stream-Incarnation``; ``None`` if the server does not say).
     """
 
     data: bytes
@@ -88,6 +91,7 @@ class ReadBatch:
     closed: bool
     cursor: str | None = None
     status: int = 200
+    incarnation: str | None = None
 
     @property
     def messages(self) -> tuple[Any, ...]:
@@ -101,13 +105,23 @@ class ReadBatch:
 
 @dataclass(frozen=True, slots=True)
 class CreateResult:
-    """The answer to a create: ``created`` is false when an identical stream existed."""
+    """The answer to a create: ``created`` is false when an identical stream existed.
+
+    A create whose first answer was lost is retried with the same
+    ``Idempotency-Key``; a server that keeps the key (ours does) answers the
+    retry as it answered the original, so ``created`` is true when this call's
+    own request created the stream. A server that ignores the key answers 200
+    to the retry: ``created`` is then false although this call may have
+    created the stream (``retried`` says the answer came from a retry).
+    """
 
     created: bool
     offset: str | None
     content_type: str | None
     closed: bool
     status: int
+    incarnation: str | None = None
+    retried: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +159,7 @@ class HeadResult:
     ttl_seconds: int | None
     expires_at: str | None
     status: int
+    incarnation: str | None = None
 
 
 def _int_or_none(value: str | None) -> int | None:
@@ -338,11 +353,16 @@ class DurableStream:
             req_headers[P.STREAM_EXPIRES_AT] = expires_at
         if closed:
             req_headers[P.STREAM_CLOSED] = "true"
+        # One key for every attempt of this call: a retry is the same request.
+        req_headers[P.IDEMPOTENCY_KEY] = uuid.uuid4().hex
         if headers:
             req_headers.update(headers)
         body = data.encode("utf-8") if isinstance(data, str) else data
+        attempts = 0
 
         async def attempt() -> httpx.Response:
+            nonlocal attempts
+            attempts += 1
             return await self._send(
                 "PUT", operation="create", headers=req_headers, content=body, ok=(200, 201)
             )
@@ -355,6 +375,8 @@ class DurableStream:
             content_type=self.content_type,
             closed=P.header_true(response.headers.get(P.STREAM_CLOSED)),
             status=response.status_code,
+            incarnation=response.headers.get(P.STREAM_INCARNATION),
+            retried=attempts > 1,
         )
 
     async def head(self, *, headers: Mapping[str, str] | None = None) -> HeadResult:
@@ -377,6 +399,7 @@ class DurableStream:
             ttl_seconds=_int_or_none(response.headers.get(P.STREAM_TTL)),
             expires_at=response.headers.get(P.STREAM_EXPIRES_AT),
             status=response.status_code,
+            incarnation=response.headers.get(P.STREAM_INCARNATION),
         )
 
     async def exists(self) -> bool:
@@ -556,6 +579,7 @@ class DurableStream:
             closed=P.header_true(h.get(P.STREAM_CLOSED)),
             cursor=h.get(P.STREAM_CURSOR),
             status=response.status_code,
+            incarnation=h.get(P.STREAM_INCARNATION),
         )
 
     async def _read_once(
@@ -654,7 +678,11 @@ class DurableStream:
                 response.headers.get(P.STREAM_SSE_DATA_ENCODING, "").strip().lower() == "base64"
             )
             reader = _SSEBatchReader(
-                start=offset, is_json=is_json, base64_data=use_base64, url=self.url
+                start=offset,
+                is_json=is_json,
+                base64_data=use_base64,
+                url=self.url,
+                incarnation=response.headers.get(P.STREAM_INCARNATION),
             )
             decoder = SSEDecoder()
             try:
@@ -784,8 +812,11 @@ class DurableStream:
 class _SSEBatchReader:
     """Groups SSE events into batches: data events wait for their control event."""
 
-    def __init__(self, *, start: str, is_json: bool, base64_data: bool, url: str) -> None:
+    def __init__(
+        self, *, start: str, is_json: bool, base64_data: bool, url: str, incarnation: str | None
+    ) -> None:
         self.offset = start
+        self.incarnation = incarnation
         self.is_json = is_json
         self.base64_data = base64_data
         self.url = url
@@ -854,6 +885,7 @@ class _SSEBatchReader:
             closed=closed,
             cursor=cursor if isinstance(cursor, str) else None,
             status=200,
+            incarnation=self.incarnation,
         )
         self.offset = next_offset
         self._chunks = []

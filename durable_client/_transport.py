@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from . import _protocol as P
 from ._errors import BadRequest, ConnectionLost, UnexpectedStatus
 from ._producer import ProducerStamp
-from ._stream import AppendResult, DurableStream
+from ._stream import AppendResult, DurableStream, ReadBatch
 
 __all__ = ["HttpTransport", "SessionTransport", "TransportBatch"]
 
@@ -41,6 +41,20 @@ class TransportBatch:
     offset: str
     up_to_date: bool
     closed: bool
+    #: The stream incarnation that served the batch, when the server says
+    #: (``Stream-Incarnation``); the session checks it against its position.
+    incarnation: str | None = None
+
+
+def _transport_batch(batch: ReadBatch) -> TransportBatch:
+    return TransportBatch(
+        batch.messages,
+        batch.start_offset,
+        batch.offset,
+        batch.up_to_date,
+        batch.closed,
+        batch.incarnation,
+    )
 
 
 @runtime_checkable
@@ -121,18 +135,13 @@ class HttpTransport:
                     async for batch in events:
                         got_any = True
                         self._cursor = batch.cursor or self._cursor
-                        yield TransportBatch(
-                            batch.messages,
-                            batch.start_offset,
-                            batch.offset,
-                            batch.up_to_date,
-                            batch.closed,
-                        )
+                        yield _transport_batch(batch)
                         if batch.closed:
                             return
                 return
-            except (BadRequest, UnexpectedStatus):
-                if got_any:
+            except (BadRequest, UnexpectedStatus) as exc:
+                if got_any or P.STREAM_INCARNATION.lower() in exc.headers:
+                    # A refusal from the stream itself (a bad offset), not of SSE.
                     raise
                 self.live = "long-poll"  # the server refuses SSE: long-poll from now on
         while True:
@@ -143,9 +152,7 @@ class HttpTransport:
                 # An answer with nothing new would make us spin: let the session back off.
                 raise ConnectionLost("long-poll answer made no progress", url=self.url)
             self._cursor = batch.cursor or self._cursor
-            yield TransportBatch(
-                batch.messages, batch.start_offset, batch.offset, batch.up_to_date, batch.closed
-            )
+            yield _transport_batch(batch)
             if batch.closed:
                 return
             offset = batch.offset

@@ -392,6 +392,9 @@ class _Socket:
         if self.error is not None:
             raise self.error
         future: asyncio.Future[ServerFrame] = asyncio.get_running_loop().create_future()
+        # The socket may end (and fail this future) while the send itself fails:
+        # then nobody awaits the future, and its error is already raised.
+        future.add_done_callback(_retrieve)
         self.requests[req] = future
         try:
             await self.send_text(text)
@@ -645,16 +648,23 @@ class WebSocketTransport:
         try:
             await socket.send(Subscribe(sub=sub, stream=self.stream_name, offset=offset))
             start = offset
+            incarnation: str | None = None
             while True:
                 frame = await inbox.get()
                 if isinstance(frame, Subscribed):
+                    incarnation = frame.incarnation
                     continue
                 if isinstance(frame, Error):
                     raise _error_of(frame, url=self.url, operation="subscribe")
                 if frame.messages is None:
                     raise ProtocolViolation("a data frame without messages", url=self.url)
                 yield TransportBatch(
-                    tuple(frame.messages), start, frame.offset, frame.up_to_date, frame.closed
+                    tuple(frame.messages),
+                    start,
+                    frame.offset,
+                    frame.up_to_date,
+                    frame.closed,
+                    incarnation,
                 )
                 if frame.closed:
                     return

@@ -102,12 +102,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "both_transports: run the module's server tests over WebSocket and HTTP"
     )
+    config.addinivalue_line(
+        "markers",
+        "ours_only: a test of what only our server offers (or of a server it starts itself);"
+        " not run against the Node reference server",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "server_kind" in metafunc.fixturenames:
         both = metafunc.definition.get_closest_marker("both_transports") is not None
         kinds = ["ours-websocket", "ours-http", "reference"] if both else ["ours", "reference"]
+        if metafunc.definition.get_closest_marker("ours_only") is not None:
+            kinds.remove("reference")
         metafunc.parametrize("server_kind", kinds)
 
 
