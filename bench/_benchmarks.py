@@ -22,15 +22,9 @@ from typing import Any
 
 import httpx
 
-from durable_client import (
-    AppendResult,
-    ConnectionState,
-    DurableStream,
-    IdempotentProducer,
-    ProducerStamp,
-    SequenceGap,
-    WebSocketTransport,
-)
+from durable_client import ConnectionState, SequenceGap
+from durable_client.streams import AppendResult, DurableStream, IdempotentProducer, ProducerStamp
+from durable_client.transports import WebSocketTransport
 
 from ._clients import (
     create_stream,

@@ -26,15 +26,9 @@ from typing import Any, cast
 
 import httpx
 
-from durable_client import (
-    Author,
-    DurableStream,
-    ReadBatch,
-    ReconnectPolicy,
-    Session,
-    TransportBatch,
-    WebSocketTransport,
-)
+from durable_client import Author, ReconnectPolicy, Session
+from durable_client.streams import DurableStream, ReadBatch
+from durable_client.transports import HttpTransport, TransportBatch, WebSocketTransport
 
 from ._report import SDK, UPSTREAM
 
@@ -125,10 +119,12 @@ def session(
     session_id = name.removeprefix("sessions/")
     author = Author.user("bench-reader")
     if transport == "ws":
-        return Session(base, session_id, author=author, client=http, transport="websocket", rng=rng)
+        return Session(
+            base, session_id, author=author, transport=WebSocketTransport(client=http), rng=rng
+        )
     live: Any = transport
     return Session(
-        base, session_id, author=author, client=http, transport="http", live=live, rng=rng
+        base, session_id, author=author, transport=HttpTransport(live=live, client=http), rng=rng
     )
 
 

@@ -3,7 +3,7 @@
 Used where the SDK has no WebSocket transport yet: JSON frames on one socket,
 subscriptions delivered as lists of messages, appends pipelined with acks
 matched by ``req``. It does no reconnecting of its own; the benchmarks that
-need a resume do it with the SDK's :class:`~durable_client.Backoff` policy.
+need a resume do it with the SDK's reconnect policy (``ReconnectPolicy.retrying()``).
 """
 
 from __future__ import annotations

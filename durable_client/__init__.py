@@ -1,23 +1,26 @@
 """durable_client: durable sessions for Python, on the Durable Streams protocol.
 
-Two layers, both async:
+What apps use is here, at the root: a :class:`Session` is one JSON stream of
+typed events shared by users and agents; subscribers get history then live,
+exactly once across disconnects; publishes are idempotent and queued while
+offline; cancel is an explicit event. :class:`Agent` answers turns,
+:class:`Transcript` folds events into a conversation, the connection state
+is a :class:`ConnectionStatus`, and every error is a :class:`DurableError`
+(``docs/errors.md`` draws the tree).
 
-- The **stream client** (:class:`DurableStream`, :class:`IdempotentProducer`)
-  speaks the Durable Streams HTTP protocol for one stream: create, append,
-  read (catch-up, long-poll, SSE), head, delete, close, and exactly-once
-  appends.
-- The **session layer** (:class:`Session`, :class:`Agent`, :class:`Transcript`)
-  is what apps use: a session is one JSON stream of typed events; subscribers
-  get history then live exactly once across disconnects, publishes are
-  idempotent and queued while offline, cancel is an explicit event.
+Three namespaces hold the rest:
 
-A session talks to the server over our WebSocket transport when the server
-offers it (:class:`WebSocketTransport`: one socket, presence included) and
-over HTTP otherwise (:class:`HttpTransport`), with the same guarantees.
-
-Every error is a :class:`DurableError`; see ``docs/errors.md`` for the tree.
+- :mod:`durable_client.transports`: how a session reaches its stream
+  (``AutoTransport``, ``HttpTransport``, ``WebSocketTransport``, and
+  ``MemoryTransport`` for tests without a server), and the seam they share;
+- :mod:`durable_client.streams`: the stream layer underneath, one Durable
+  Streams stream over HTTP (``DurableStream``, ``IdempotentProducer``);
+- :mod:`durable_client.wire`: the wire format itself, for other peers.
 """
 
+from . import streams as streams
+from . import transports as transports
+from . import wire as wire
 from ._agent import Agent, AgentReply, IncomingTurn
 from ._errors import (
     BadRequest,
@@ -71,30 +74,12 @@ from ._events import (
     parse_event,
 )
 from ._offsets import FileOffsetStore, MemoryOffsetStore, OffsetStore, Position
-from ._producer import IdempotentProducer, ProducerStamp
 from ._retry import ReconnectPolicy, RetryPolicy
-from ._session import (
-    DEFAULT_SESSION_PATH,
-    OnReplaced,
-    PublishAck,
-    Session,
-    StartPoint,
-    Subscription,
-    TransportChoice,
-)
+from ._session import DEFAULT_SESSION_PATH, PublishAck, Session, TransportChoice
 from ._state import ConnectionState, ConnectionStatus
-from ._stream import (
-    AppendResult,
-    CloseResult,
-    CreateResult,
-    DurableStream,
-    HeadResult,
-    LiveMode,
-    ReadBatch,
-)
+from ._subscription import OnReplaced, StartPoint, Subscription
 from ._transcript import Reply, ReplyStatus, Transcript, Turn
-from ._transport import HttpTransport, SessionTransport, TransportBatch
-from ._ws import PresenceChange, WebSocketOptions, WebSocketTransport
+from ._transport import PresenceChange
 from ._ws_frames import Member
 
 __version__ = "0.1.0"
@@ -104,31 +89,23 @@ __all__ = [
     "Agent",
     "AgentReply",
     "AnyEvent",
-    "AppendResult",
     "Author",
     "AuthorKind",
     "BadRequest",
     "Cancel",
     "CancelScope",
     "ClientClosed",
-    "CloseResult",
     "ConnectError",
     "ConnectionLost",
     "ConnectionState",
     "ConnectionStatus",
-    "CreateResult",
     "DurableError",
-    "DurableStream",
     "EndReason",
     "EpochReused",
     "FatalError",
     "FileOffsetStore",
     "Forbidden",
-    "HeadResult",
-    "HttpTransport",
-    "IdempotentProducer",
     "IncomingTurn",
-    "LiveMode",
     "Member",
     "MemoryOffsetStore",
     "OffsetGone",
@@ -138,13 +115,11 @@ __all__ = [
     "Position",
     "PresenceChange",
     "PresenceUnavailable",
-    "ProducerStamp",
     "Progress",
     "ProgressStatus",
     "ProtocolViolation",
     "PublishAck",
     "RateLimited",
-    "ReadBatch",
     "ReconnectPolicy",
     "Reply",
     "ReplyStatus",
@@ -157,7 +132,6 @@ __all__ = [
     "ServerError",
     "Session",
     "SessionEvent",
-    "SessionTransport",
     "StaleEpoch",
     "StartPoint",
     "Steer",
@@ -169,7 +143,6 @@ __all__ = [
     "Subscription",
     "TextDelta",
     "Transcript",
-    "TransportBatch",
     "TransportChoice",
     "TransportError",
     "Turn",
@@ -181,8 +154,6 @@ __all__ = [
     "UnknownEvent",
     "UsageError",
     "UserMessage",
-    "WebSocketOptions",
-    "WebSocketTransport",
     "__version__",
     "new_id",
     "parse_event",

@@ -49,7 +49,8 @@ from ._events import (
     UserMessage,
 )
 from ._offsets import OffsetStore
-from ._session import PublishAck, Session, StartPoint
+from ._session import PublishAck, Session
+from ._subscription import StartPoint
 from ._transcript import Transcript
 
 __all__ = ["Agent", "AgentReply", "IncomingTurn"]
@@ -130,7 +131,7 @@ class Agent:
             self._task = asyncio.get_running_loop().create_task(
                 self._read(), name=f"durable-agent:{self.author.id}"
             )
-            self.session._want_presence("idle")
+            self.session.set_presence_nowait("idle")
         ready = asyncio.ensure_future(self._ready.wait())
         try:
             await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
@@ -181,20 +182,15 @@ class Agent:
             if event.author.id != self.author.id and self._accept(event):
                 self._turns.put_nowait(IncomingTurn(event, self))
                 if not self._replies:
-                    self.session._want_presence("thinking")
+                    self.session.set_presence_nowait("thinking")
         elif isinstance(event, Cancel):
             for reply in list(self._replies.values()):
-                opener = self._opener(reply.turn_id)
-                if event.applies_to(reply.turn_id, self.author.id, opener):
+                if self.transcript.cancel_applies(event, reply.turn_id, self.author.id):
                     reply._on_cancel(event)
         elif isinstance(event, Steer):
             steered = self._replies.get(event.turn_id)
             if steered is not None:
                 steered._on_steer(event)
-
-    def _opener(self, turn_id: str) -> str | None:
-        turn = self.transcript.turn(turn_id)
-        return turn.opener_id if turn is not None else None
 
     async def turns(self) -> AsyncIterator[IncomingTurn]:
         """User messages to answer, in order, until the agent or session closes."""
@@ -346,7 +342,7 @@ class AgentReply:
         if not text:
             return
         if not self.text:
-            self._session._want_presence("streaming")
+            self._session.set_presence_nowait("streaming")
         self._buffer.append(text)
         self.text += text
         window = self.agent.rollup_window
@@ -437,7 +433,7 @@ class AgentReply:
         self._flush()
         self.agent._replies.pop(self.turn_id, None)
         if not self.agent._replies:
-            self._session._want_presence("idle")
+            self._session.set_presence_nowait("idle")
         end = TurnEnd(
             author=self.agent.author,
             turn_id=self.turn_id,

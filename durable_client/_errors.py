@@ -34,8 +34,9 @@ Everything ``durable_client`` raises on purpose derives from
     └── TurnCancelled                 agent side: the turn being answered was cancelled
 
 HTTP and transport exceptions from httpx and websockets are mapped at the
-boundary (``raise ... from exc``) and always carry the stream URL, so no
-httpx or websockets exception escapes the SDK. A WebSocket ``error`` frame
+boundary (``raise ... from exc``: httpx's in ``_http_errors``, websockets' in
+``_core.wire``) and always carry the stream URL, so no httpx or websockets
+exception escapes the SDK. This module imports neither. A WebSocket ``error`` frame
 carries the HTTP status (and headers) the same request gets over HTTP, and
 maps onto the same classes. Reading a closed stream is *not* an error: every
 read mode ends cleanly at ``Stream-Closed``. Only appends to a closed stream
@@ -45,8 +46,6 @@ raise :class:`StreamClosed`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import httpx
 
 from ._protocol import (
     PRODUCER_EPOCH,
@@ -384,24 +383,6 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, seconds)
 
 
-def error_from_response(
-    response: httpx.Response, *, url: str, operation: str, body: str | None = None
-) -> DurableError:
-    """Map a non-success HTTP answer to the error tree.
-
-    ``operation`` names what was attempted ("append", "read", ...) for the message.
-    ``body`` is the response text (read from ``response`` when omitted).
-    """
-    if body is None:
-        try:
-            body = response.text
-        except (httpx.ResponseNotRead, UnicodeDecodeError):
-            body = ""
-    return error_from_status(
-        response.status_code, response.headers, body, url=url, operation=operation
-    )
-
-
 def error_from_status(
     status: int, headers: Mapping[str, str], detail: str, *, url: str, operation: str
 ) -> DurableError:
@@ -476,18 +457,3 @@ def error_from_status(
     }
     fatal_cls, text = simple.get(status, (UnexpectedStatus, f"{message} (unexpected status)"))
     return fatal_cls(text, url=url, status=status, headers=h)
-
-
-def error_from_httpx(exc: httpx.HTTPError, *, url: str, operation: str) -> DurableError:
-    """Map an httpx transport exception to the error tree (callers ``raise ... from exc``)."""
-    text = f"{operation} failed: {type(exc).__name__}: {exc}".rstrip(": ")
-    if isinstance(exc, httpx.TimeoutException):
-        return RequestTimeout(text, url=url)
-    if isinstance(exc, httpx.ConnectError):
-        return ConnectError(text, url=url)
-    if isinstance(exc, httpx.TransportError):
-        # ReadError, WriteError, RemoteProtocolError (peer closed mid-body), ...
-        return ConnectionLost(text, url=url)
-    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
-        return UsageError(text, url=url)
-    return ConnectionLost(text, url=url)

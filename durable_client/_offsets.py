@@ -19,7 +19,9 @@ replay from a misbehaving transport is an error, not a silent duplicate.
 An :class:`EventIdDeduper` is a second, independent guard for *sessions*: it
 drops an event whose id was already delivered, which catches the rare
 duplicate *in the log itself* (a publisher that crashed after its append
-landed and re-sent the event under a new producer epoch).
+landed and re-sent the event under a new producer epoch). It is the one
+dedup of the SDK: a subscription and a :class:`~durable_client.Transcript`
+each keep one, bounded, because such a duplicate lands close to its original.
 
 Offset stores persist positions so that a restarted process, or a second
 terminal sharing a directory, resumes where it left off.

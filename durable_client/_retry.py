@@ -1,4 +1,4 @@
-"""Retry and reconnect policies, in the open.
+"""Retry and reconnect policies, and the one engine that runs every retry loop.
 
 What is retried: only :class:`~durable_client.RetryableError` (transport
 failures, timeouts, 429 and 5xx). Everything else raises at once.
@@ -10,13 +10,21 @@ multiplier ** (n - 1)))``. A ``Retry-After`` from the server is a floor
 to zero after a success, so a connection that worked for an hour and then
 dropped starts again with a short delay.
 
-The policy objects and :class:`Backoff` do no I/O. tenacity runs the retry
-loop of every request (:func:`retry_call`: stream operations, producer
-batches), with our :class:`Backoff` deciding the delays and when to give up.
-Long-lived readers (``DurableStream.follow``, session subscriptions) consume
-a stream of batches rather than call a function, so they drive the same
-:class:`Backoff` themselves. Either way the same numbers decide the waits and
-the connection state a UI shows ("reconnecting, attempt 3, in 1.2 s").
+The policy objects are plain data; the decisions are made without I/O by
+``_core.reconnect.Backoff``. :class:`Retrying` is the one engine that carries
+them out, for every loop: single requests and producer batches
+(:func:`retry_call`), ``DurableStream.follow``, session subscriptions and the
+WebSocket presence loop. It is tenacity's ``AsyncRetrying`` in its iterator
+style, with the ``Backoff`` as its retry, wait and stop::
+
+    async for attempt in policy.retrying(on_retry=report):
+        with attempt:
+            await do_it()
+
+A long-lived reader keeps one attempt open for as long as its connections
+work, and calls :meth:`Retrying.reset` whenever data arrives: a failure after
+that is the first again. ``on_retry(attempt, delay, error)`` runs before each
+wait, which is what a UI shows ("reconnecting, attempt 3, in 1.2 s").
 """
 
 from __future__ import annotations
@@ -26,15 +34,30 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from types import TracebackType
+from typing import TypeAlias, TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from tenacity import AsyncRetrying, AttemptManager, RetryCallState
 
-from ._errors import RetryableError, UsageError
+from ._core.reconnect import Backoff, GiveUp, Wait, delay_cap, is_retryable, next_delay
+from ._errors import UsageError
 
-__all__ = ["Backoff", "ReconnectPolicy", "RetryPolicy", "retry_call"]
+__all__ = [
+    "Attempt",
+    "Backoff",
+    "OnRetry",
+    "ReconnectPolicy",
+    "RetryPolicy",
+    "Retrying",
+    "is_retryable",
+    "retry_call",
+]
 
 T = TypeVar("T")
+
+#: Told before each wait of a retry loop: ``(attempt, delay, error)``, where
+#: ``attempt`` is the count of failures in a row and ``delay`` in seconds.
+OnRetry: TypeAlias = Callable[[int, float, BaseException], None]
 
 
 @dataclass(frozen=True)
@@ -76,14 +99,7 @@ class RetryPolicy:
 
     def cap(self, failures: int) -> float:
         """The upper bound of the delay after ``failures`` consecutive failures (>= 1)."""
-        exponent = max(0, failures - 1)
-        # Avoid float overflow for long outages: stop growing once past max_delay.
-        cap = self.initial_delay
-        for _ in range(exponent):
-            cap *= self.multiplier
-            if cap >= self.max_delay:
-                return self.max_delay
-        return min(cap, self.max_delay)
+        return delay_cap(self, failures)
 
     def delay(
         self,
@@ -93,11 +109,21 @@ class RetryPolicy:
         rng: random.Random | None = None,
     ) -> float:
         """The delay before the next attempt after ``failures`` consecutive failures."""
-        cap = self.cap(failures)
-        delay = (rng or random).uniform(0.0, cap) if self.jitter else cap
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.max_retry_after))
-        return delay
+        return next_delay(self, failures, retry_after=retry_after, rng=rng)
+
+    def retrying(
+        self,
+        *,
+        rng: random.Random | None = None,
+        retry_if: Callable[[BaseException], bool] | None = None,
+        on_retry: OnRetry | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Retrying:
+        """A retry loop that follows this policy (see :class:`Retrying`)."""
+        return Retrying(
+            self, rng=rng, retry_if=retry_if, on_retry=on_retry, sleep=sleep, clock=clock
+        )
 
 
 @dataclass(frozen=True)
@@ -119,60 +145,131 @@ class ReconnectPolicy(RetryPolicy):
             raise UsageError("offline_after must be >= 1")
 
 
-class Backoff:
-    """Consecutive-failure bookkeeping for one retry loop (no I/O).
+class Attempt:
+    """One attempt of a :class:`Retrying` loop: the body of its ``with`` block.
 
-    Call :meth:`failure` after each failed attempt: it returns the delay before
-    the next attempt, or ``None`` when the policy says to give up. Call
-    :meth:`reset` after a success.
+    An exception that leaves the block is the attempt's failure, and the loop
+    decides (wait and try again, or raise it). A block that ends without one is
+    a success. Cancellation and generator exits are no failures: they leave the
+    loop at once.
+    """
+
+    __slots__ = ("_manager", "_retrying")
+
+    def __init__(self, manager: AttemptManager, retrying: Retrying) -> None:
+        self._manager = manager
+        self._retrying = retrying
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc is None:
+            self._retrying.reset()
+            self._manager.__exit__(None, None, None)
+            return False
+        if not isinstance(exc, Exception):
+            return False
+        return bool(self._manager.__exit__(exc_type, exc, tb))
+
+
+class Retrying:
+    """The retry loop every retry and reconnect in the SDK runs.
+
+    ``async for attempt in retrying: with attempt: ...`` runs the block until it
+    succeeds, as tenacity's ``AsyncRetrying`` does, with a :class:`Backoff`
+    making every decision: which errors are retried (``retry_if``; by default
+    :class:`~durable_client.RetryableError`), how long to wait, when to give
+    up. Giving up raises the last error as it is.
+
+    Args:
+        policy: the delays and limits.
+        backoff: the failure count to use (default: a new one); one shared by
+            several loops makes them count together.
+        rng: the random source of the jitter (tests pass a seeded one).
+        retry_if: which errors are retried, if not the backoff's own test.
+        on_retry: told ``(attempt, delay, error)`` before each wait.
+        sleep: how to wait (tests pass one that records the delays).
+        clock: seconds, for ``max_elapsed``.
     """
 
     def __init__(
         self,
         policy: RetryPolicy,
         *,
+        backoff: Backoff | None = None,
         rng: random.Random | None = None,
+        retry_if: Callable[[BaseException], bool] | None = None,
+        on_retry: OnRetry | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
-        self._rng = rng
-        self._clock = clock
-        self.failures = 0
-        self._first_failure_at: float | None = None
-        self.last_delay: float | None = None
-        self.gave_up = False
+        self.backoff = backoff if backoff is not None else Backoff(policy, rng=rng, clock=clock)
+        self._retry_if = retry_if
+        self._on_retry = on_retry
+        self._decision: Wait | GiveUp | None = None
+        self._tenacity = AsyncRetrying(
+            retry=self._retry,
+            wait=self._wait,
+            stop=self._stop,
+            before_sleep=self._before_sleep,
+            reraise=True,
+            sleep=sleep,
+        )
+        self._attempts: AsyncRetrying | None = None
+
+    @property
+    def failures(self) -> int:
+        """Failures in a row since the last success."""
+        return self.backoff.failures
 
     def reset(self) -> None:
-        """Forget past failures (call after a success)."""
-        self.failures = 0
-        self._first_failure_at = None
-        self.last_delay = None
-        self.gave_up = False
+        """Count the next failure as the first (call when the work succeeds,
+        e.g. each time a reader receives data)."""
+        self.backoff.reset()
 
-    def failure(self, error: BaseException | None = None) -> float | None:
-        """Record a failed attempt; the delay before the next one, or ``None`` to give up."""
-        now = self._clock()
-        if self._first_failure_at is None:
-            self._first_failure_at = now
-        self.failures += 1
-        policy = self.policy
-        if policy.max_attempts is not None and self.failures >= policy.max_attempts:
-            self.gave_up = True
-            return None
-        retry_after = getattr(error, "retry_after", None)
-        delay = policy.delay(self.failures, retry_after=retry_after, rng=self._rng)
-        if policy.max_elapsed is not None and (
-            now - self._first_failure_at + delay > policy.max_elapsed
-        ):
-            self.gave_up = True
-            return None
-        self.last_delay = delay
-        return delay
+    def __aiter__(self) -> Retrying:
+        self._attempts = self._tenacity.__aiter__()
+        return self
 
+    async def __anext__(self) -> Attempt:
+        if self._attempts is None:
+            self._attempts = self._tenacity.__aiter__()
+        return Attempt(await self._attempts.__anext__(), self)
 
-def is_retryable(exc: BaseException) -> bool:
-    """Whether retrying may fix ``exc`` (only :class:`RetryableError` qualifies)."""
-    return isinstance(exc, RetryableError)
+    # tenacity's hooks: each failure is decided once, in retry(); wait() and
+    # stop() read that decision.
+
+    def _retry(self, state: RetryCallState) -> bool:
+        outcome = state.outcome
+        error = outcome.exception() if outcome is not None and outcome.failed else None
+        if error is None:
+            self._decision = None
+            return False
+        retryable = self._retry_if(error) if self._retry_if is not None else None
+        self._decision = self.backoff.failure(error, retryable=retryable)
+        return not (isinstance(self._decision, GiveUp) and self._decision.fatal)
+
+    def _wait(self, state: RetryCallState) -> float:
+        return self._decision.delay if isinstance(self._decision, Wait) else 0.0
+
+    def _stop(self, state: RetryCallState) -> bool:
+        return isinstance(self._decision, GiveUp)
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        decision = self._decision
+        outcome = state.outcome
+        if self._on_retry is None or not isinstance(decision, Wait) or outcome is None:
+            return
+        error = outcome.exception()
+        if error is not None:
+            self._on_retry(decision.attempt, decision.delay, error)
 
 
 async def retry_call(
@@ -180,9 +277,10 @@ async def retry_call(
     policy: RetryPolicy,
     *,
     backoff: Backoff | None = None,
-    on_retry: Callable[[int, float, BaseException], None] | None = None,
+    rng: random.Random | None = None,
+    on_retry: OnRetry | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    retry_if: Callable[[BaseException], bool] = is_retryable,
+    retry_if: Callable[[BaseException], bool] | None = None,
 ) -> T:
     """Call ``fn`` until it succeeds, retrying what the policy allows.
 
@@ -190,32 +288,10 @@ async def retry_call(
     number of consecutive failures so far). The last error is re-raised as is
     when the policy gives up; non-retryable errors are raised at once.
     """
-    backoff = backoff or Backoff(policy)
-    pending: dict[str, float | None] = {"delay": None}
-
-    def wait(state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        delay = backoff.failure(exc)
-        pending["delay"] = delay
-        return delay or 0.0
-
-    def stop(state: RetryCallState) -> bool:
-        return pending["delay"] is None
-
-    def before_sleep(state: RetryCallState) -> None:
-        if on_retry is not None and state.outcome is not None:
-            exc = state.outcome.exception()
-            if exc is not None:
-                on_retry(backoff.failures, pending["delay"] or 0.0, exc)
-
-    retrying = AsyncRetrying(
-        retry=retry_if_exception(retry_if),
-        wait=wait,
-        stop=stop,
-        before_sleep=before_sleep,
-        reraise=True,
-        sleep=sleep,
+    retrying = Retrying(
+        policy, backoff=backoff, rng=rng, retry_if=retry_if, on_retry=on_retry, sleep=sleep
     )
-    result: T = await retrying(fn)
-    backoff.reset()
-    return result
+    async for attempt in retrying:
+        with attempt:
+            return await fn()
+    raise AssertionError("a retry loop ends with a result or an error")  # pragma: no cover

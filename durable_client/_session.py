@@ -13,8 +13,11 @@ Transports
 By default a session uses our WebSocket transport when the server offers it
 (one socket for every subscription, publish and presence of the session) and
 falls back to HTTP (SSE, then long-poll) for good when the server refuses the
-handshake; ``transport="websocket"`` or ``"http"`` forces one. Either way the
-session does the same things on top: resume, dedupe, retries.
+handshake; ``transport="websocket"`` or ``"http"`` forces one. A transport
+object carries its own settings (``HttpTransport(live="long-poll")``,
+``AutoTransport(headers=...)``, ``MemoryTransport()`` for tests): the session
+binds it to its stream (``_transport``). Either way the session does the same
+things on top: resume, dedupe, retries.
 
 How a subscription delivers each event exactly once
 ----------------------------------------------------
@@ -42,24 +45,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 from urllib.parse import quote
 
-import httpx
 from pydantic import ValidationError
 
-from ._errors import (
-    BadRequest,
-    ClientClosed,
-    ConnectionLost,
-    DurableError,
-    PresenceUnavailable,
-    RetryableError,
-    StreamReplaced,
-    UsageError,
-)
+from ._auto import AutoTransport
+from ._core.producer import ProducerStamp
+from ._errors import ClientClosed, DurableError, UsageError
 from ._events import (
     AnyEvent,
     Author,
@@ -72,52 +67,33 @@ from ._events import (
     SteerMode,
     UserMessage,
     new_id,
-    parse_event,
 )
-from ._offsets import EventIdDeduper, OffsetStore, Position, ResumeTracker
-from ._producer import IdempotentProducer, ProducerStamp
-from ._protocol import JSON_CONTENT_TYPE, OFFSET_BEGINNING, OFFSET_NOW, STREAM_INCARNATION
-from ._retry import Backoff, ReconnectPolicy, RetryPolicy
+from ._http import HttpTransport
+from ._offsets import OffsetStore
+from ._producer import IdempotentProducer
+from ._results import AppendResult
+from ._retry import ReconnectPolicy, RetryPolicy
 from ._state import ConnectionStatus, StatusFeed
-from ._stream import AppendResult, DurableStream, DynamicValue
-from ._transport import HttpTransport, SessionTransport, TransportBatch
-from ._ws import (
-    AutoTransport,
+from ._subscription import OnReplaced, StartPoint, Subscription, _Link
+from ._transport import (
     PresenceChange,
     PresenceTransport,
-    WebSocketOptions,
-    WebSocketTransport,
-    stream_name_of,
-    websocket_url_of,
+    SessionDefaults,
+    SessionTransport,
+    UnboundTransport,
+    presence_unavailable,
 )
+from ._ws import WebSocketTransport
 from ._ws_frames import Member
 
-__all__ = [
-    "DEFAULT_SESSION_PATH",
-    "OnReplaced",
-    "PublishAck",
-    "Session",
-    "StartPoint",
-    "Subscription",
-    "TransportChoice",
-]
+__all__ = ["DEFAULT_SESSION_PATH", "PublishAck", "Session", "TransportChoice"]
 
 #: Where sessions live under the server's base URL.
 DEFAULT_SESSION_PATH = "/v1/stream/sessions/{session_id}"
 
-#: Where a subscription starts: ``"beginning"``, ``"now"``, a saved
-#: :class:`Position`, or an offset string from an earlier read.
-StartPoint: TypeAlias = Literal["beginning", "now"] | Position | str
-
 #: Which transport a session uses: ``"auto"`` (WebSocket if the server offers
 #: it, else HTTP), ``"websocket"`` or ``"http"``.
 TransportChoice: TypeAlias = Literal["auto", "websocket", "http"]
-
-#: What a subscription does when the session's stream turns out to be a new
-#: incarnation (deleted and re-created since its position was taken):
-#: ``"raise"`` :class:`StreamReplaced`, or ``"restart"`` from the new stream's
-#: beginning (``Subscription.replacements`` counts how often).
-OnReplaced: TypeAlias = Literal["raise", "restart"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,68 +115,6 @@ class PublishAck:
     duplicate: bool
 
 
-class _Marker:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"<{self.name}>"
-
-
-_END = _Marker("end")
-
-
-@dataclass(frozen=True, slots=True)
-class _Delivery:
-    event: AnyEvent | None  # None: nothing to hand out, only the position moves
-    position: Position
-    caught_up: bool = False  # the last delivery of the first up-to-date batch
-
-
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    error: BaseException
-
-
-_QueueItem: TypeAlias = _Delivery | _Failure | _Marker
-
-
-async def _aclose_iter(iterator: AsyncIterator[Any]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-class _Link:
-    """A wait on the network that :meth:`Session.drop_connections` may cut.
-
-    Cutting cancels the wait (so an HTTP request or SSE read is abandoned and
-    its connection closed) and raises :class:`ConnectionLost` in its place,
-    which the session retries like any network failure.
-    """
-
-    __slots__ = ("_scope", "_session")
-
-    def __init__(self, session: Session) -> None:
-        self._session = session
-        self._scope = asyncio.timeout(None)
-
-    async def __aenter__(self) -> None:
-        await self._scope.__aenter__()
-        self._session._links.add(self._scope)
-
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self._session._links.discard(self._scope)
-        try:
-            await self._scope.__aexit__(exc_type, exc, tb)
-        except TimeoutError as error:
-            raise ConnectionLost(
-                "the connection was dropped (drop_connections)", url=self._session.url
-            ) from error
-
-
 class _DroppableSink:
     """The session's transport as the producer's sink, with each send cuttable."""
 
@@ -218,307 +132,6 @@ class _DroppableSink:
             return await self._session._transport.send_batch(items, stamp=stamp, close=close)
 
 
-class Subscription:
-    """History then live events of a session; iterate it, then close it.
-
-    ::
-
-        async with session.subscribe(start="beginning") as events:
-            async for event in events:
-                ...
-
-    Iteration ends when the session's stream is closed, or when the
-    subscription (or its session) is closed, from any task; a fatal error (for
-    example :class:`OffsetGone`) is raised from the iteration after the events
-    before it. Closing a subscription cancels nothing in the session.
-
-    A position belongs to one incarnation of the stream. If the stream was
-    deleted and re-created since (or its server lost it and it was created
-    anew), the subscription raises :class:`StreamReplaced` rather than resume
-    at an offset that means nothing there; with ``on_replaced="restart"`` it
-    starts over from the new stream's beginning instead.
-    """
-
-    def __init__(
-        self,
-        session: Session,
-        start: StartPoint,
-        *,
-        offset_store: OffsetStore | None,
-        consumer: str,
-        queue_size: int,
-        dedupe_capacity: int,
-        on_replaced: OnReplaced = "raise",
-    ) -> None:
-        if on_replaced not in ("raise", "restart"):
-            raise UsageError(f"on_replaced must be 'raise' or 'restart': {on_replaced!r}")
-        self._session = session
-        self._start = start
-        self.on_replaced: OnReplaced = on_replaced
-        self._dedupe_capacity = dedupe_capacity
-        #: How many times the stream was found replaced and reading started over
-        #: from the new stream's beginning (``on_replaced="restart"``).
-        self.replacements = 0
-        self._store = offset_store
-        self.consumer = consumer
-        self.key = f"{session.url}#{consumer}"
-        self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue(maxsize=queue_size)
-        self._dedupe = EventIdDeduper(dedupe_capacity)
-        self._task: asyncio.Task[None] | None = None
-        self._pending: Position | None = None
-        self._committed: Position | None = None
-        self._done = False
-        self._closed = False
-        #: Set once every event that existed when the subscription first reached
-        #: the tail has been handed out ("history loaded"): as the last of them is
-        #: returned, or while the consumer waits for the next event.
-        self.caught_up = asyncio.Event()
-        #: The position right after the last event handed out (``None`` before).
-        self.position: Position | None = None
-        #: The position the subscription started from, once it is pinned.
-        self.start_position: Position | None = None
-        self._pinned = asyncio.Event()
-
-    # --- lifecycle -------------------------------------------------------------
-
-    def _ensure_started(self) -> None:
-        if self._closed:
-            raise ClientClosed("this subscription was closed", url=self._session.url)
-        if self._task is None:
-            self._session._check_open()
-            self._task = asyncio.get_running_loop().create_task(
-                self._pump(), name=f"durable-subscription:{self.key}"
-            )
-
-    async def start(self) -> Position | None:
-        """Start reading and wait until the start point is pinned to a real
-        offset (``"now"`` resolved), so that every event published after this
-        returns is delivered. Returns the start position (``None`` if the
-        subscription failed first; iterating raises the error)."""
-        self._ensure_started()
-        assert self._task is not None
-        pinned = asyncio.ensure_future(self._pinned.wait())
-        try:
-            await asyncio.wait({pinned, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            pinned.cancel()
-        return self.start_position
-
-    async def __aenter__(self) -> Subscription:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def aclose(self) -> None:
-        """Stop reading. Saves the position of the last event handed out. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        task = self._task
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._commit()
-        self._session._subscriptions.discard(self)
-
-    # --- consumer side -------------------------------------------------------------
-
-    async def __anext__(self) -> AnyEvent:
-        if self._done or self._closed:
-            raise StopAsyncIteration
-        self._ensure_started()
-        await self._commit()
-        while True:
-            item = await self._next_item()
-            if isinstance(item, _Delivery):
-                self.position = item.position
-                if item.caught_up:
-                    self.caught_up.set()
-                if item.event is None:
-                    self._pending = item.position
-                    await self._commit()
-                    continue
-                self._pending = item.position
-                return item.event
-            self._done = True
-            await self._commit()
-            if isinstance(item, _Failure):
-                raise item.error
-            raise StopAsyncIteration
-
-    async def _next_item(self) -> _QueueItem:
-        """The next item of the pump, or the end once the subscription is closed
-        or the pump stopped (a consumer never waits on a pump that is gone)."""
-        queue = self._queue
-        while True:
-            if self._closed:
-                return _END
-            if not queue.empty():
-                return queue.get_nowait()
-            task = self._task
-            if task is None or task.done():
-                return _END
-            getter = asyncio.ensure_future(queue.get())
-            try:
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not getter.done():
-                    getter.cancel()  # the item, if any, stays in the queue
-            if getter.done() and not getter.cancelled():
-                return getter.result()
-
-    async def _commit(self) -> None:
-        pending = self._pending
-        if pending is None or pending == self._committed:
-            return
-        self._committed = pending
-        if self._store is not None:
-            await self._store.save(self.key, pending)
-
-    # --- the pump ------------------------------------------------------------------
-
-    async def _resolve_start(self) -> Position:
-        if self._store is not None:
-            saved = await self._store.load(self.key)
-            if saved is not None:
-                return saved
-        start = self._start
-        if isinstance(start, Position):
-            return start
-        if start == "beginning" or start == OFFSET_BEGINNING:
-            return Position.beginning()
-        if start == "now" or start == OFFSET_NOW:
-            # Pin "now" to a real offset: a reconnect must not skip what came
-            # between the first connection and the next.
-            return Position(await self._session._transport.tail())
-        if isinstance(start, str) and start:
-            return Position(start)
-        raise UsageError(f"invalid start point: {start!r}")
-
-    async def _pump(self) -> None:
-        session = self._session
-        feed = session._status
-        backoff = Backoff(session.reconnect, rng=session._rng)
-        tracker: ResumeTracker | None = None
-        caught_up_sent = False
-        feed.connecting()
-        try:
-            while True:
-                try:
-                    if tracker is None:
-                        start = await self._resolve_start()
-                        tracker = ResumeTracker(start)
-                        self.start_position = start
-                        self._pinned.set()
-                        await self._queue.put(_Delivery(None, start))
-                    productive = False
-                    batches = session._transport.subscribe(tracker.position.offset)
-                    try:
-                        while True:
-                            # Only the wait for the next batch may be cut by
-                            # drop_connections(): a batch being handed out is
-                            # already taken by the tracker and must not be lost.
-                            async with _Link(session):
-                                try:
-                                    batch = await anext(batches)
-                                except StopAsyncIteration:
-                                    break
-                            if not productive:
-                                productive = True
-                                backoff.reset()
-                                feed.connected()
-                            if batch.incarnation is not None:
-                                known = tracker.position.incarnation
-                                if known is None:
-                                    # From now on the position (and what an offset
-                                    # store saves) names the incarnation it is in.
-                                    tracker.position = tracker.position.with_incarnation(
-                                        batch.incarnation
-                                    )
-                                    await self._queue.put(_Delivery(None, tracker.position))
-                                elif known != batch.incarnation:
-                                    tracker = await self._replaced(known, batch.incarnation)
-                                    break
-                            caught_up = batch.up_to_date and not caught_up_sent
-                            caught_up_sent = caught_up_sent or caught_up
-                            await self._take(tracker, batch, caught_up=caught_up)
-                            if batch.closed:
-                                feed.closed()
-                                await self._queue.put(_END)
-                                return
-                    finally:
-                        await _aclose_iter(batches)
-                    if not productive:
-                        raise ConnectionLost(
-                            "the connection ended before any data", url=session.url
-                        )
-                    # The server ended the connection cleanly: resume at once.
-                except BadRequest as exc:
-                    # A server that tracks incarnations refuses an offset of an
-                    # earlier one (400) and says which incarnation it has now.
-                    actual = exc.headers.get(STREAM_INCARNATION.lower())
-                    known = tracker.position.incarnation if tracker is not None else None
-                    if known is None or actual is None or actual == known:
-                        raise
-                    tracker = await self._replaced(known, actual)
-                except RetryableError as exc:
-                    delay = backoff.failure(exc)
-                    if delay is None:
-                        raise
-                    feed.retrying(backoff.failures, delay, exc)
-                    await asyncio.sleep(delay)
-        except asyncio.CancelledError:
-            raise
-        except DurableError as exc:
-            feed.failed(exc)
-            await self._queue.put(_Failure(exc))
-        except Exception as exc:  # a bug: surface it to the consumer, not the loop
-            await self._queue.put(_Failure(exc))
-
-    async def _replaced(self, expected: str, actual: str) -> ResumeTracker:
-        """The stream is a new incarnation: raise, or start over at its beginning."""
-        if self.on_replaced == "raise":
-            raise StreamReplaced(
-                "the session's stream was deleted and re-created (or its server lost it) "
-                f"since this position was taken (incarnation {expected}, now {actual}); "
-                "its offsets mean nothing in the new stream. Subscribe from the beginning, "
-                "or pass on_replaced='restart'",
-                url=self._session.url,
-                expected=expected,
-                actual=actual,
-            )
-        self.replacements += 1
-        self._dedupe = EventIdDeduper(self._dedupe_capacity)
-        start = Position.beginning(actual)
-        await self._queue.put(_Delivery(None, start))
-        return ResumeTracker(start)
-
-    async def _take(
-        self, tracker: ResumeTracker, batch: TransportBatch, *, caught_up: bool
-    ) -> None:
-        before = tracker.position
-        deliveries: list[_Delivery] = []
-        for message, position in tracker.accept(batch.start_offset, batch.messages, batch.offset):
-            event = parse_event(message)
-            if event.event_id is not None and self._dedupe.seen(event.event_id):
-                deliveries.append(_Delivery(None, position))
-            else:
-                deliveries.append(_Delivery(event, position))
-        last = deliveries[-1].position if deliveries else None
-        if tracker.position != last and (tracker.position != before or caught_up):
-            deliveries.append(_Delivery(None, tracker.position))
-        if caught_up:
-            deliveries[-1] = _Delivery(deliveries[-1].event, deliveries[-1].position, True)
-        for delivery in deliveries:
-            await self._queue.put(delivery)
-
-
 class Session:
     """One durable session: subscribe to it, publish into it, watch the connection.
 
@@ -527,16 +140,14 @@ class Session:
         session_id: the session's name; the stream is at ``path_template``.
         author: who this participant is (every helper signs events with it).
         transport: ``"auto"`` (default: WebSocket when the server offers it,
-            else HTTP), ``"websocket"``, ``"http"``, or a :class:`SessionTransport`
-            instance. ``None`` means ``"auto"``.
-        client: an ``httpx.AsyncClient`` for HTTP requests (one is made if omitted).
+            else HTTP), ``"websocket"``, ``"http"``, or a transport object:
+            settings such as ``HttpTransport(live="long-poll", headers=...)``,
+            ``WebSocketTransport(options=...)``, ``AutoTransport(headers=...)``
+            or ``MemoryTransport()`` (bound to this session's stream), or any
+            :class:`SessionTransport` (used as it is; its URL wins).
         path_template: the stream path under ``base_url`` (``{session_id}`` is filled in).
-        headers: extra headers on every request and WebSocket handshake (values
-            may be functions, e.g. a token provider called before each request).
-        live: how HTTP reads live: ``"sse"`` (falls back to long-poll) or
-            ``"long-poll"``. Giving it asks for HTTP (with ``"auto"``).
-        websocket: keepalive, timeouts and limits of the WebSocket transport.
-        retry: retry policy of single requests (create, tail).
+        retry: how single requests (create, tail) are retried, unless the
+            transport object sets its own.
         reconnect: how subscriptions reconnect and publishes are retried
             (default: forever, with capped jittered backoff).
         producer_id: the idempotent producer id for publishes (default: the
@@ -547,6 +158,7 @@ class Session:
         producer_epoch: the producer's starting epoch.
         auto_claim: take over the producer id on 403 (stale or reused epoch).
         publish_linger: seconds a publish waits to share a request with others.
+        max_in_flight: publish requests in flight at once.
         rng: random source for jitter (tests pass a seeded one).
     """
 
@@ -556,12 +168,8 @@ class Session:
         session_id: str,
         *,
         author: Author,
-        transport: TransportChoice | SessionTransport | None = "auto",
-        client: httpx.AsyncClient | None = None,
+        transport: TransportChoice | UnboundTransport | SessionTransport = "auto",
         path_template: str = DEFAULT_SESSION_PATH,
-        headers: Mapping[str, DynamicValue] | None = None,
-        live: Literal["sse", "long-poll"] | None = None,
-        websocket: WebSocketOptions = WebSocketOptions(),  # noqa: B008 - frozen dataclass
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen dataclass
         reconnect: ReconnectPolicy = ReconnectPolicy(),  # noqa: B008 - frozen dataclass
         producer_id: str | None = None,
@@ -580,22 +188,9 @@ class Session:
         self.retry = retry
         self.reconnect = reconnect
         self._rng = rng
-        if transport is None:
-            transport = "auto"
-        if isinstance(transport, str):
-            url = base_url.rstrip("/") + path_template.format(session_id=quote(session_id, safe=""))
-            stream = DurableStream(
-                url,
-                client=client,
-                content_type=JSON_CONTENT_TYPE,
-                headers=headers,
-                retry=retry,
-                reconnect=reconnect,
-                rng=rng,
-            )
-            transport = self._make_transport(transport, stream, base_url, live, websocket)
-        self._transport: SessionTransport = transport
-        self.url = transport.url
+        url = base_url.rstrip("/") + path_template.format(session_id=quote(session_id, safe=""))
+        self._transport = _bound(transport, url, retry=retry, reconnect=reconnect, rng=rng)
+        self.url = self._transport.url
         self._producer_id = producer_id or f"{author.id}-{new_id()[:12]}"
         self._producer_epoch = producer_epoch
         self._auto_claim = auto_claim
@@ -608,39 +203,6 @@ class Session:
         self._links: set[asyncio.Timeout] = set()
         self._presence: Member | None = None
         self._closed = False
-
-    def _make_transport(
-        self,
-        choice: str,
-        stream: DurableStream,
-        base_url: str,
-        live: Literal["sse", "long-poll"] | None,
-        options: WebSocketOptions,
-    ) -> SessionTransport:
-        http = HttpTransport(stream, live=live or "sse")
-        if choice == "http" or (choice == "auto" and live is not None):
-            return http
-        if choice not in ("auto", "websocket"):
-            raise UsageError(
-                f"transport must be 'auto', 'websocket', 'http' or a SessionTransport: {choice!r}"
-            )
-        name = stream_name_of(stream.url)
-        if choice == "websocket" and (live is not None or name is None):
-            raise UsageError(
-                "the WebSocket transport reads live on its socket and addresses streams "
-                f"under /v1/stream/ (live={live!r}, stream {stream.url})"
-            )
-        if name is None:
-            return http  # a stream the WebSocket protocol cannot address
-        websocket = WebSocketTransport(
-            stream,
-            ws_url=websocket_url_of(base_url),
-            stream_name=name,
-            options=options,
-            reconnect=self.reconnect,
-            rng=self._rng,
-        )
-        return websocket if choice == "websocket" else AutoTransport(http, websocket)
 
     def __repr__(self) -> str:
         return f"<Session {self.session_id!r} as {self.author.id!r} ({self.status.state})>"
@@ -747,7 +309,7 @@ class Session:
         transport = self._transport
         if isinstance(transport, PresenceTransport):
             return transport.presence_changes()
-        return _no_presence(self.url)
+        return _no_presence(presence_unavailable(self.url))
 
     def _member(
         self, status: str | None, label: str | None, kind: Literal["user", "agent"] | None
@@ -785,20 +347,29 @@ class Session:
         member = self._member(status, label, kind)
         transport = self._transport
         if not isinstance(transport, PresenceTransport):
-            raise PresenceUnavailable(
-                "presence needs the WebSocket transport; this session uses HTTP", url=self.url
-            )
+            raise presence_unavailable(self.url)
         self._presence = member
         await transport.set_presence(member)
 
-    def _want_presence(self, status: str) -> None:
-        """Set the status without waiting, where presence is available (agents)."""
+    def set_presence_nowait(
+        self,
+        status: str | None = None,
+        *,
+        label: str | None = None,
+        kind: Literal["user", "agent"] | None = None,
+    ) -> None:
+        """Set presence as :meth:`set_presence` does, without waiting, where the
+        session carries presence; over HTTP (or once closed) do nothing.
+
+        Best effort: the status is sent when the socket is up, and again after
+        each reconnect. An agent shows what it is doing this way.
+        """
         transport = self._transport
         if self._closed or not isinstance(transport, PresenceTransport):
             return
         if transport.presence_available is False:
             return
-        member = self._member(status, None, None)
+        member = self._member(status, label, kind)
         self._presence = member
         transport.want_presence(member)
 
@@ -977,8 +548,40 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
-async def _no_presence(url: str) -> AsyncIterator[PresenceChange]:
-    raise PresenceUnavailable(
-        "presence needs the WebSocket transport; this session uses HTTP", url=url
-    )
+async def _no_presence(error: DurableError) -> AsyncIterator[PresenceChange]:
+    raise error
     yield  # pragma: no cover - makes this an async generator
+
+
+#: The transports a session makes from a name.
+_TRANSPORTS: dict[str, type[AutoTransport | WebSocketTransport | HttpTransport]] = {
+    "auto": AutoTransport,
+    "websocket": WebSocketTransport,
+    "http": HttpTransport,
+}
+
+
+def _bound(
+    transport: TransportChoice | UnboundTransport | SessionTransport | None,
+    url: str,
+    *,
+    retry: RetryPolicy,
+    reconnect: ReconnectPolicy,
+    rng: random.Random | None,
+) -> SessionTransport:
+    """The session's transport for the stream at ``url``."""
+    if transport is None:
+        transport = "auto"
+    if isinstance(transport, str):
+        make = _TRANSPORTS.get(transport)
+        if make is None:
+            raise UsageError(
+                "transport must be 'auto', 'websocket', 'http' or a transport object: "
+                f"{transport!r}"
+            )
+        transport = make()
+    if isinstance(transport, UnboundTransport):
+        return transport.bind(url, SessionDefaults(retry, reconnect, rng))
+    if isinstance(transport, SessionTransport):
+        return transport
+    raise UsageError(f"not a transport: {transport!r}")

@@ -11,7 +11,6 @@ and ends cleanly at ``Stream-Closed`` in every mode, with no further request.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
@@ -20,28 +19,27 @@ import random
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
 import httpx
 
 from . import _protocol as P
+from ._core.producer import ProducerStamp
+from ._core.subscription import HttpReadState
 from ._errors import (
     BadRequest,
     ClientClosed,
     ConnectError,
-    ConnectionLost,
     ProtocolViolation,
     RateLimited,
-    RetryableError,
     ServerError,
     StreamNotFound,
     UnexpectedStatus,
     UsageError,
-    error_from_httpx,
-    error_from_response,
 )
-from ._producer import ProducerStamp
-from ._retry import Backoff, ReconnectPolicy, RetryPolicy, retry_call
+from ._http_errors import error_from_httpx, error_from_response
+from ._results import AppendResult
+from ._retry import OnRetry, ReconnectPolicy, RetryPolicy, retry_call
 from ._sse import SSEDecoder
 
 __all__ = [
@@ -60,8 +58,6 @@ DynamicValue: TypeAlias = str | Callable[[], str] | Callable[[], Awaitable[str]]
 
 #: How :meth:`DurableStream.follow` reads once caught up. ``True`` means "auto".
 LiveMode: TypeAlias = Literal["auto", "sse", "long-poll"] | bool
-
-OnRetry: TypeAlias = Callable[[int, float, BaseException], None]
 
 _DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=30.0, write=30.0, pool=30.0)
 
@@ -122,23 +118,6 @@ class CreateResult:
     status: int
     incarnation: str | None = None
     retried: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    """The answer to an append.
-
-    ``offset`` is the stream's next offset after this append. For an
-    idempotent-producer duplicate (``duplicate=True``) it is whatever the server
-    sent: the current tail, or ``None`` (the Node reference server sends none).
-    """
-
-    offset: str | None
-    closed: bool
-    duplicate: bool
-    status: int
-    producer_epoch: int | None = None
-    producer_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,12 +297,7 @@ class DurableStream:
     ) -> Any:
         if self.retry is None:
             return await fn()
-        backoff = Backoff(self.retry, rng=self._rng)
-        if retry_if is None:
-            return await retry_call(fn, self.retry, backoff=backoff, on_retry=on_retry)
-        return await retry_call(
-            fn, self.retry, backoff=backoff, on_retry=on_retry, retry_if=retry_if
-        )
+        return await retry_call(fn, self.retry, rng=self._rng, on_retry=on_retry, retry_if=retry_if)
 
     # --- create / head / delete ----------------------------------------------
 
@@ -724,7 +698,9 @@ class DurableStream:
         Retryable failures reconnect from the last offset after a backoff
         (``reconnect`` policy; by default the stream's ``reconnect`` policy for
         live reads and its ``retry`` policy for ``live=False``;
-        ``on_retry(attempt, delay, error)`` is told).
+        ``on_retry(attempt, delay, error)`` is told). A long-poll answer that
+        makes no progress, and an SSE response that ends before any event,
+        count as such failures (``_core.subscription.HttpReadState`` decides).
         The iteration ends after the batch with ``closed=True``: no request is
         made after the stream is known to be closed. Fatal errors raise,
         :class:`OffsetGone` among them. Use ``contextlib.aclosing`` to release
@@ -739,74 +715,82 @@ class DurableStream:
             policy = self.retry or RetryPolicy(max_attempts=1)
         else:
             policy = self.reconnect
-        backoff = Backoff(policy, rng=self._rng)
-        phase: str = "catch-up" if live in (False, "auto") else str(live)
-        cursor: str | None = None
-
-        while True:
-            try:
-                if phase == "catch-up":
-                    batch = await self._read_once(offset, headers=headers)
-                    backoff.reset()
-                    progressed = batch.offset != offset or bool(batch.data)
-                    offset, cursor = batch.offset, batch.cursor or cursor
-                    yield batch
-                    if batch.closed:
-                        return
-                    if batch.up_to_date or not progressed:
-                        if live is False:
-                            return
-                        phase = "sse"
-                elif phase == "long-poll":
-                    batch = await self._read_once(
-                        offset, live="long-poll", cursor=cursor, headers=headers
-                    )
-                    progressed = batch.offset != offset or bool(batch.data) or batch.status == 204
-                    offset, cursor = batch.offset, batch.cursor or cursor
-                    yield batch
-                    if batch.closed:
-                        return
-                    if progressed:
-                        backoff.reset()
-                    else:
-                        # A 200 with nothing new would make us spin: back off.
-                        delay = backoff.failure(None)
-                        if delay is None:
-                            raise ProtocolViolation(
-                                "long-poll answers make no progress", url=self.url
-                            )
-                        await asyncio.sleep(delay)
-                else:  # sse
-                    got_any = False
+        state = HttpReadState(
+            offset,
+            catch_up=live in (False, "auto"),
+            live=None if live is False else ("long-poll" if live == "long-poll" else "sse"),
+            fallback=live == "auto",
+            url=self.url,
+        )
+        retrying = policy.retrying(rng=self._rng, on_retry=on_retry)
+        async for attempt in retrying:
+            with attempt:
+                while not state.done:
+                    read = state.next_read()
+                    if read.mode != "sse":
+                        batch = await self._read_once(
+                            read.offset,
+                            live="long-poll" if read.mode == "long-poll" else False,
+                            cursor=read.cursor if read.mode == "long-poll" else None,
+                            headers=headers,
+                        )
+                        if state.batch_received(batch):
+                            retrying.reset()
+                        yield batch
+                        continue
                     try:
                         # aclosing: the connection is released even if our
                         # consumer stops in the middle of it.
                         async with contextlib.aclosing(
-                            self.sse(offset, cursor=cursor, headers=headers)
+                            self.sse(read.offset, cursor=read.cursor, headers=headers)
                         ) as events:
                             async for batch in events:
-                                got_any = True
-                                backoff.reset()
-                                offset, cursor = batch.offset, batch.cursor or cursor
+                                if state.batch_received(batch):
+                                    retrying.reset()
                                 yield batch
-                                if batch.closed:
+                                if state.done:
                                     return
-                    except (BadRequest, UnexpectedStatus):
-                        if live != "auto" or got_any:
+                    except (BadRequest, UnexpectedStatus) as exc:
+                        if not state.falls_back(exc):
                             raise
-                        # The server refuses SSE here: tail with long-poll instead.
-                        phase = "long-poll"
                         continue
-                    if not got_any:
-                        raise ConnectionLost("SSE response ended before any event", url=self.url)
-                    # A clean end (servers recycle SSE connections): reconnect now.
-            except RetryableError as exc:
-                delay = backoff.failure(exc)
-                if delay is None:
-                    raise
-                if on_retry is not None:
-                    on_retry(backoff.failures, delay, exc)
-                await asyncio.sleep(delay)
+                    # A clean end (servers recycle SSE connections): again at once.
+                    state.connection_ended()
+
+
+class StreamSettings(Protocol):
+    """The HTTP settings a transport keeps for the session stream it will make."""
+
+    client: httpx.AsyncClient | None
+    headers: dict[str, DynamicValue]
+    params: dict[str, DynamicValue]
+    retry: RetryPolicy | None
+
+
+class SessionPolicies(Protocol):
+    """A session's policies, lent to the stream its transport makes."""
+
+    @property
+    def retry(self) -> RetryPolicy: ...
+    @property
+    def reconnect(self) -> ReconnectPolicy: ...
+    @property
+    def rng(self) -> random.Random | None: ...
+
+
+def session_stream(settings: StreamSettings, url: str, session: SessionPolicies) -> DurableStream:
+    """The JSON-mode stream a transport reads and writes for a session at ``url``
+    (the session's retry policy stands in where the transport set none)."""
+    return DurableStream(
+        url,
+        client=settings.client,
+        content_type=P.JSON_CONTENT_TYPE,
+        headers=settings.headers,
+        params=settings.params,
+        retry=settings.retry or session.retry,
+        reconnect=session.reconnect,
+        rng=session.rng,
+    )
 
 
 class _SSEBatchReader:

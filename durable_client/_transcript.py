@@ -3,7 +3,8 @@
 The same fold serves the SDK (an agent knows which turns are open and which
 cancels apply), the tests (the state every client must agree on) and the TUI
 (what to draw). Applying an event twice changes nothing (events are
-deduplicated by id), so a fold over "history, then live" is safe even if a
+deduplicated by id, by the same bounded :class:`EventIdDeduper` a
+subscription uses), so a fold over "history, then live" is safe even if a
 caller feeds an event twice.
 
 Rules, in stream order:
@@ -17,6 +18,8 @@ Rules, in stream order:
 - ``cancel`` marks every open reply it applies to (and open turns no agent
   has answered yet) as *cancel requested*; the reply ends when its agent
   publishes ``turn_end`` with reason ``cancelled``. Nothing else cancels.
+  Which replies a cancel applies to is :meth:`Transcript.cancel_applies`, the
+  one routing rule: an :class:`~durable_client.Agent` asks it too.
 - ``steer`` and ``progress`` are recorded on their turn.
 """
 
@@ -39,6 +42,7 @@ from ._events import (
     UnknownEvent,
     UserMessage,
 )
+from ._offsets import EventIdDeduper
 
 __all__ = ["Reply", "ReplyStatus", "Transcript", "Turn"]
 
@@ -102,12 +106,16 @@ class Turn:
 
 
 class Transcript:
-    """Conversation state folded from events. Use :meth:`apply` or :meth:`fold`."""
+    """Conversation state folded from events. Use :meth:`apply` or :meth:`fold`.
 
-    def __init__(self) -> None:
+    ``dedupe_capacity`` is how many event ids it remembers to drop repeats
+    (duplicates in a log are written close to their original).
+    """
+
+    def __init__(self, *, dedupe_capacity: int = 10_000) -> None:
         self.turns: list[Turn] = []
         self._turns: dict[str, Turn] = {}
-        self._seen: set[str] = set()
+        self._dedupe = EventIdDeduper(dedupe_capacity)
         self.cancels: list[Cancel] = []
         self.unknown: list[UnknownEvent] = []
         self.applied = 0
@@ -139,11 +147,23 @@ class Transcript:
         """Replies still streaming."""
         return [reply for reply in self.replies if not reply.done]
 
+    def cancel_applies(self, cancel: Cancel, turn_id: str, author_id: str | None = None) -> bool:
+        """Whether ``cancel`` stops ``author_id``'s reply in ``turn_id``, or with
+        ``author_id=None`` the turn itself while no agent has answered it.
+
+        A turn cancel names the turn, an author cancel the author of the reply
+        or of the message that opened the turn, and ``all`` stops everything.
+        """
+        turn = self._turns.get(turn_id)
+        opener = turn.opener_id if turn is not None else None
+        if author_id is None:
+            # No reply yet: the turn stands for its opener's request.
+            author_id = opener or ""
+        return cancel.applies_to(turn_id, author_id, opener)
+
     def cancels_for(self, turn_id: str, author_id: str) -> list[Cancel]:
         """The cancels seen so far that apply to ``author_id``'s reply in ``turn_id``."""
-        turn = self._turns.get(turn_id)
-        opener = turn.opener_id if turn else None
-        return [c for c in self.cancels if c.applies_to(turn_id, author_id, opener)]
+        return [c for c in self.cancels if self.cancel_applies(c, turn_id, author_id)]
 
     def _turn(self, turn_id: str) -> Turn:
         turn = self._turns.get(turn_id)
@@ -162,11 +182,8 @@ class Transcript:
 
     def apply(self, event: AnyEvent) -> bool:
         """Fold one event in. Returns False if its id was already applied."""
-        event_id = event.event_id
-        if event_id is not None:
-            if event_id in self._seen:
-                return False
-            self._seen.add(event_id)
+        if event.event_id is not None and self._dedupe.seen(event.event_id):
+            return False
         self.applied += 1
         if isinstance(event, UnknownEvent):
             self.unknown.append(event)
@@ -197,15 +214,9 @@ class Transcript:
     def _apply_cancel(self, cancel: Cancel) -> None:
         self.cancels.append(cancel)
         for turn in self.turns:
-            opener = turn.opener_id
-            # No agent answered yet: a cancel that names the turn or its opener applies.
-            if (
-                not turn.replies
-                and turn.open
-                and cancel.applies_to(turn.turn_id, opener or "", opener)
-            ):
+            if not turn.replies and turn.open and self.cancel_applies(cancel, turn.turn_id):
                 turn.cancel_requested = True
             for reply in turn.replies.values():
-                if not reply.done and cancel.applies_to(turn.turn_id, reply.author.id, opener):
+                if not reply.done and self.cancel_applies(cancel, turn.turn_id, reply.author.id):
                     reply.cancel_requested = True
                     turn.cancel_requested = True

@@ -1,35 +1,61 @@
-"""The seam between sessions and the wire.
+"""The seam between a session and the wire.
 
-A :class:`Session` needs four things from a transport, and nothing more:
+A :class:`Session` needs six things from a transport, and nothing more
+(:class:`SessionTransport`):
 
-- ``tail()``: the current tail offset (to start a subscription "now");
+- ``url``: the session stream's URL (for errors and offset-store keys);
 - ``create()``: make sure the session's stream exists;
-- ``subscribe(offset)``: *one* connection's worth of batches from ``offset``,
-  each with its messages, the offset after them, and the up-to-date and
-  closed flags. It raises from the error tree when the connection fails and
-  simply ends when the server ends the connection; the session reconnects,
-  resumes and deduplicates, so transports stay thin;
-- ``send_batch(items, stamp=...)``: one append with producer headers,
-  answering the offset it landed at (what :class:`IdempotentProducer` needs).
+- ``tail()``: the current tail offset (to start a subscription "now");
+- ``subscribe(offset)``: *one* connection's worth of batches from ``offset``
+  (:class:`TransportBatch`: messages, the offset after them, the up-to-date
+  and closed flags). It raises from the error tree when the connection fails
+  and simply ends when the server ends it; the session reconnects, resumes
+  and deduplicates, so transports stay thin;
+- ``send_batch(items, stamp=...)``: one append with producer stamp, answering
+  the offset it landed at (what :class:`IdempotentProducer` needs), no retry;
+- ``aclose()``: release what the transport owns.
 
-:class:`HttpTransport` implements it with the Durable Streams HTTP protocol
-(SSE by default, long-poll as fallback). :class:`WebSocketTransport`
-(``_ws``) implements it on one socket, and adds presence.
+A transport may offer more, and the session uses it where it is there: a
+``name`` (``Session.transport_name``), ``drop_connections()`` (cut its
+connections as a network failure would) and presence
+(:class:`PresenceTransport`).
+
+Transports a user configures are not tied to a stream yet:
+``HttpTransport(live="long-poll")`` is settings. Such an object is an
+:class:`UnboundTransport`; the session calls its ``bind()`` once, with its
+stream URL and its policies, and uses the :class:`SessionTransport` that comes
+back. A transport made for one stream (``HttpTransport(stream)``, a test's
+scripted transport) is used as it is.
+
+The adapters: ``_http`` (HTTP: SSE, then long-poll), ``_ws`` (our WebSocket
+extension, with presence), ``_auto`` (WebSocket where offered, else HTTP) and
+``_memory`` (a log in this process, for tests).
 """
 
 from __future__ import annotations
 
-import contextlib
+import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from . import _protocol as P
-from ._errors import BadRequest, ConnectionLost, UnexpectedStatus
-from ._producer import ProducerStamp
-from ._stream import AppendResult, DurableStream, ReadBatch
+from ._errors import PresenceUnavailable
+from ._ws_frames import Member
 
-__all__ = ["HttpTransport", "SessionTransport", "TransportBatch"]
+if TYPE_CHECKING:
+    from ._core.producer import ProducerStamp
+    from ._results import AppendResult
+    from ._retry import ReconnectPolicy, RetryPolicy
+
+__all__ = [
+    "PresenceChange",
+    "PresenceTransport",
+    "SessionDefaults",
+    "SessionTransport",
+    "TransportBatch",
+    "UnboundTransport",
+    "presence_unavailable",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,17 +70,6 @@ class TransportBatch:
     #: The stream incarnation that served the batch, when the server says
     #: (``Stream-Incarnation``); the session checks it against its position.
     incarnation: str | None = None
-
-
-def _transport_batch(batch: ReadBatch) -> TransportBatch:
-    return TransportBatch(
-        batch.messages,
-        batch.start_offset,
-        batch.offset,
-        batch.up_to_date,
-        batch.closed,
-        batch.incarnation,
-    )
 
 
 @runtime_checkable
@@ -89,78 +104,64 @@ class SessionTransport(Protocol):
         ...
 
 
-class HttpTransport:
-    """:class:`SessionTransport` over the Durable Streams HTTP protocol.
+@dataclass(frozen=True, slots=True)
+class SessionDefaults:
+    """What a session lends the transport it binds, for settings the transport
+    left unset: its retry policy (single requests), its reconnect policy and
+    its random source (jitter)."""
 
-    ``live="sse"`` (default) tails with Server-Sent Events and falls back to
-    long-poll for good if the server refuses SSE; ``live="long-poll"`` uses
-    long-poll only.
-    """
+    retry: RetryPolicy
+    reconnect: ReconnectPolicy
+    rng: random.Random | None = None
 
-    def __init__(self, stream: DurableStream, *, live: Literal["sse", "long-poll"] = "sse") -> None:
-        self.stream = stream
-        self.live: Literal["sse", "long-poll"] = live
-        self._cursor: str | None = None
-        if stream.content_type is None:
-            stream.content_type = P.JSON_CONTENT_TYPE
+
+@runtime_checkable
+class UnboundTransport(Protocol):
+    """Transport settings not yet tied to a stream; a session binds them to its own."""
+
+    def bind(self, url: str, defaults: SessionDefaults) -> SessionTransport:
+        """The transport for the stream at ``url``; ``defaults`` are the session's."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChange:
+    """Someone joined, changed status or left; ``members`` is everyone present after it."""
+
+    event: Literal["join", "update", "leave"]
+    member: Member
+    members: tuple[Member, ...]
+
+
+@runtime_checkable
+class PresenceTransport(Protocol):
+    """A transport that carries presence (the session asks it through this)."""
 
     @property
-    def name(self) -> str:
-        """How it reads live: ``sse`` or ``long-poll``."""
-        return self.live
+    def presence_available(self) -> bool | None:
+        """True if it carries presence, False if not, None until it knows."""
+        ...
 
     @property
-    def url(self) -> str:
-        return self.stream.url
+    def members(self) -> tuple[Member, ...]:
+        """Who is present, as last heard."""
+        ...
 
-    async def create(self) -> bool:
-        result = await self.stream.create(content_type=P.JSON_CONTENT_TYPE)
-        return result.created
+    def presence_changes(self) -> AsyncIterator[PresenceChange]:
+        """Every change from this call on (see ``Session.presence_changes``)."""
+        ...
 
-    async def tail(self) -> str:
-        head = await self.stream.head()
-        if head.offset is None:
-            # A server that omits the tail on HEAD: a catch-up read at "now" gives it.
-            batch = await self.stream.read(P.OFFSET_NOW)
-            return batch.offset
-        return head.offset
+    async def set_presence(self, member: Member) -> None:
+        """Join or update presence as ``member``, and wait until the server has it."""
+        ...
 
-    async def subscribe(self, offset: str) -> AsyncIterator[TransportBatch]:
-        if self.live == "sse":
-            got_any = False
-            try:
-                async with contextlib.aclosing(
-                    self.stream.sse(offset, cursor=self._cursor)
-                ) as events:
-                    async for batch in events:
-                        got_any = True
-                        self._cursor = batch.cursor or self._cursor
-                        yield _transport_batch(batch)
-                        if batch.closed:
-                            return
-                return
-            except (BadRequest, UnexpectedStatus) as exc:
-                if got_any or P.STREAM_INCARNATION.lower() in exc.headers:
-                    # A refusal from the stream itself (a bad offset), not of SSE.
-                    raise
-                self.live = "long-poll"  # the server refuses SSE: long-poll from now on
-        while True:
-            batch = await self.stream.read(
-                offset, live="long-poll", cursor=self._cursor, retry=False
-            )
-            if batch.status == 200 and batch.offset == offset and not batch.data:
-                # An answer with nothing new would make us spin: let the session back off.
-                raise ConnectionLost("long-poll answer made no progress", url=self.url)
-            self._cursor = batch.cursor or self._cursor
-            yield _transport_batch(batch)
-            if batch.closed:
-                return
-            offset = batch.offset
+    def want_presence(self, member: Member) -> None:
+        """Set presence without waiting (best effort; kept across reconnects)."""
+        ...
 
-    async def send_batch(
-        self, items: Sequence[bytes], *, stamp: ProducerStamp | None, close: bool = False
-    ) -> AppendResult:
-        return await self.stream.send_batch(items, stamp=stamp, close=close)
 
-    async def aclose(self) -> None:
-        await self.stream.aclose()
+def presence_unavailable(url: str) -> PresenceUnavailable:
+    """The error of asking a transport without presence (HTTP) for it."""
+    return PresenceUnavailable(
+        "presence needs the WebSocket transport; this session uses HTTP", url=url
+    )

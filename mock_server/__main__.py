@@ -135,8 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn stops gracefully on SIGTERM, then re-raises it; after a graceful
     # stop that is not an error, so let the re-raised signal end us with status 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    wrap = None
+    if settings.chaos or settings.fault_plan is not None:
+        from .chaos import chaos_middleware
+
+        wrap = chaos_middleware(settings)
     try:
-        asyncio_run(run(settings))
+        asyncio_run(run(settings, wrap=wrap))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

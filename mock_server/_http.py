@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from durable_client import _protocol as P
-from durable_client._ws_frames import WS_PATH
+from durable_client import wire as P
+from durable_client.wire import WS_PATH
 
+from ._asgi import App, Message, Receive, Scope, Send
 from ._model import StreamState, parse_rfc3339
 from ._store import (
     AppendRequest,
@@ -40,11 +42,6 @@ from ._store import (
     StreamStore,
     check_not_reserved,
 )
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("mock_server")
 
@@ -190,7 +187,7 @@ class Request:
         return f"{self.scope.get('scheme', 'http')}://{host}"
 
 
-async def _respond(
+async def respond(
     send: Send,
     status: int,
     headers: Iterable[tuple[str, str]] = (),
@@ -206,13 +203,13 @@ async def _respond(
 
 async def _error(send: Send, error: ProtocolError) -> None:
     headers = [("Content-Type", "text/plain; charset=utf-8"), *error.headers.items()]
-    await _respond(send, error.status, headers, (error.message + "\n").encode())
+    await respond(send, error.status, headers, (error.message + "\n").encode())
 
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-def _sse_event(event: str, payload: str) -> bytes:
+def sse_event(event: str, payload: str) -> bytes:
     """One SSE event. Every line break (CR, LF or CRLF) in the payload starts a new
     ``data:`` line, so a payload can never end the event or inject another one."""
     # A reader strips one space after "data:"; keep a payload's own leading space.
@@ -223,6 +220,25 @@ def _sse_event(event: str, payload: str) -> bytes:
     return f"event: {event}\n{lines}\n".encode()
 
 
+def sse_data(content_type: str, payload: bytes) -> bytes:
+    """The ``data`` event for a read's payload: text as is, anything else base64."""
+    if P.is_text_compatible(content_type):
+        return sse_event("data", payload.decode("utf-8"))
+    return sse_event("data", base64.b64encode(payload).decode())
+
+
+def sse_control(next_offset: str, *, up_to_date: bool, closed: bool, cursor: str) -> bytes:
+    """The ``control`` event after a read: where to resume, and the stream's state."""
+    data: dict[str, Any] = {P.SSE_NEXT_OFFSET: next_offset}
+    if closed:
+        data[P.SSE_CLOSED] = True
+    else:
+        data[P.SSE_CURSOR] = cursor
+        if up_to_date:
+            data[P.SSE_UP_TO_DATE] = True
+    return sse_event("control", json.dumps(data, separators=(",", ":")))
+
+
 class DurableStreamsApp:
     """The ASGI application. ``store`` holds the streams; ``config`` the tunables."""
 
@@ -231,13 +247,13 @@ class DurableStreamsApp:
         store: StreamStore,
         config: ServerConfig | None = None,
         *,
-        extra_routes: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] | None = None,
+        extra_routes: dict[str, App] | None = None,
     ) -> None:
         self.store = store
         self.config = config or ServerConfig()
         self.shutting_down = asyncio.Event()
         self.started_at = time.time()
-        self.websocket_handler: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+        self.websocket_handler: App | None = None
         self.extra_routes = dict(extra_routes or {})
 
     def begin_shutdown(self) -> None:
@@ -306,7 +322,7 @@ class DurableStreamsApp:
 
     async def _route(self, req: Request, send: Send) -> None:
         if req.method == "OPTIONS":
-            await _respond(send, 204)
+            await respond(send, 204)
             return
         if req.path in self.extra_routes:
             await self.extra_routes[req.path](req.scope, req.receive, send)
@@ -323,7 +339,7 @@ class DurableStreamsApp:
                     "transports": transports,
                 }
             ).encode()
-            await _respond(send, 200, [("Content-Type", "application/json")], body)
+            await respond(send, 200, [("Content-Type", "application/json")], body)
             return
         if not req.path.startswith(P.STREAM_PATH_PREFIX) or req.path == P.STREAM_PATH_PREFIX:
             raise ProtocolError(404, "no such route; streams live under /v1/stream/{path}")
@@ -409,7 +425,7 @@ class DurableStreamsApp:
             headers.append(("Location", req.base_url() + req.path))
         if state.closed:
             headers.append((P.STREAM_CLOSED, "true"))
-        await _respond(send, 201 if created else 200, headers)
+        await respond(send, 201 if created else 200, headers)
 
     @staticmethod
     def _stream_path(value: str) -> str:
@@ -445,7 +461,7 @@ class DurableStreamsApp:
         if result.producer is not None:
             headers.append((P.PRODUCER_EPOCH, str(result.producer.epoch)))
             headers.append((P.PRODUCER_SEQ, str(result.producer.seq)))
-        await _respond(send, result.status, headers)
+        await respond(send, result.status, headers)
 
     @staticmethod
     def _producer(req: Request) -> Producer | None:
@@ -483,11 +499,11 @@ class DurableStreamsApp:
             headers.append((P.STREAM_TTL, str(state.ttl_seconds)))
         if state.expires_at is not None:
             headers.append((P.STREAM_EXPIRES_AT, state.expires_at))
-        await _respond(send, 200, headers)
+        await respond(send, 200, headers)
 
     async def _delete(self, req: Request, send: Send) -> None:
         self.store.delete(req.path)
-        await _respond(send, 204)
+        await respond(send, 204)
 
     # ------------------------------------------------------------------ GET
 
@@ -530,7 +546,7 @@ class DurableStreamsApp:
             ]
             if state.closed:
                 headers.append((P.STREAM_CLOSED, "true"))
-            await _respond(send, 200, headers, b"[]" if P.is_json(state.content_type) else b"")
+            await respond(send, 200, headers, b"[]" if P.is_json(state.content_type) else b"")
             return
         await self._send_read(
             req,
@@ -567,76 +583,50 @@ class DurableStreamsApp:
         if cursor is not None:
             headers.append((P.STREAM_CURSOR, cursor))
         if req.header("if-none-match") == etag:
-            await _respond(
+            await respond(
                 send, 304, [("ETag", etag), (P.STREAM_INCARNATION, state.incarnation_text)]
             )
             return
-        await _respond(send, 200, headers, self._payload(state, result))
+        await respond(send, 200, headers, self._payload(state, result))
 
     async def _long_poll(
         self, req: Request, send: Send, state: StreamState, position: int, cursor: str | None
     ) -> None:
         start = state.offset(position)
-        deadline = time.monotonic() + self.config.long_poll_timeout
-        while True:
-            result = self.store.read(state, position)
-            if result.records:
-                await self._send_read(req, send, state, start, result, cursor_for(cursor))
-                return
-            if state.closed:
-                await _respond(
-                    send,
-                    204,
-                    [
-                        (P.STREAM_NEXT_OFFSET, result.next_offset),
-                        (P.STREAM_INCARNATION, state.incarnation_text),
-                        (P.STREAM_UP_TO_DATE, "true"),
-                        (P.STREAM_CLOSED, "true"),
-                        ("Cache-Control", "no-store"),
-                    ],
-                )
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.shutting_down.is_set():
-                await _respond(
-                    send,
-                    204,
-                    [
-                        (P.STREAM_NEXT_OFFSET, result.next_offset),
-                        (P.STREAM_INCARNATION, state.incarnation_text),
-                        (P.STREAM_UP_TO_DATE, "true"),
-                        (P.STREAM_CURSOR, cursor_for(cursor)),
-                        ("Cache-Control", "no-store"),
-                    ],
-                )
-                return
-            await self._wait_change(state.path, remaining)
-            current = self.store.get(state.path)
-            if current is None or current is not state:
-                raise ProtocolError(404, "stream was deleted")
-            if current.soft_deleted:
-                raise ProtocolError(410, "stream was deleted")
-            self.store.touch(state)
+        tail = self.store.tail(
+            state,
+            position,
+            until=time.monotonic() + self.config.long_poll_timeout,
+            idle=self.config.long_poll_timeout,
+            stop=(self.shutting_down,),
+        )
+        last: ReadResult | None = None
+        async with contextlib.aclosing(tail) as results:
+            async for result in results:
+                if result.records:
+                    await self._send_read(req, send, state, start, result, cursor_for(cursor))
+                    return
+                if result.closed:
+                    await self._nothing_new(send, state, result, (P.STREAM_CLOSED, "true"))
+                    return
+                last = result
+        assert last is not None  # the tail yields its first read whatever happens
+        # Nothing new before the timeout (or the server is stopping).
+        await self._nothing_new(send, state, last, (P.STREAM_CURSOR, cursor_for(cursor)))
 
-    async def _wait_change(self, path: str, timeout: float) -> bool:
-        """Wait for the stream to change, the server to shut down, or the timeout.
-
-        The change is watched before anything yields: an append handled between the
-        caller's read and this wait still wakes it.
-        """
-        if self.shutting_down.is_set():
-            return False
-        change = self.store.watch(path)
-        with self.store.parked(path):
-            stop: asyncio.Future[Any] = asyncio.ensure_future(self.shutting_down.wait())
-            watched: set[asyncio.Future[Any]] = {change, stop}
-            try:
-                done, _ = await asyncio.wait(
-                    watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                stop.cancel()
-        return change in done
+    @staticmethod
+    async def _nothing_new(
+        send: Send, state: StreamState, result: ReadResult, last_header: tuple[str, str]
+    ) -> None:
+        """A long-poll's 204: where the reader is, and the stream's end or a cursor."""
+        headers = [
+            (P.STREAM_NEXT_OFFSET, result.next_offset),
+            (P.STREAM_INCARNATION, state.incarnation_text),
+            (P.STREAM_UP_TO_DATE, "true"),
+            last_header,
+            ("Cache-Control", "no-store"),
+        ]
+        await respond(send, 204, headers)
 
     async def _sse(
         self, req: Request, send: Send, state: StreamState, position: int, cursor: str | None
@@ -661,67 +651,44 @@ class DurableStreamsApp:
             disconnected.set()
 
         watcher = asyncio.ensure_future(watch_disconnect())
-        ends_at = time.monotonic() + self.config.sse_max_duration
         try:
-            await self._sse_loop(send, state, position, cursor, binary, ends_at, disconnected)
+            if not self.shutting_down.is_set():
+                await self._sse_events(send, state, position, cursor, disconnected)
         finally:
             watcher.cancel()
         if not disconnected.is_set():
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _sse_loop(
+    async def _sse_events(
         self,
         send: Send,
         state: StreamState,
         position: int,
         cursor: str | None,
-        binary: bool,
-        ends_at: float,
         disconnected: asyncio.Event,
     ) -> None:
-        async def emit(chunk: bytes) -> None:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-        def control(next_offset: str, up_to_date: bool, closed: bool) -> bytes:
-            data: dict[str, Any] = {P.SSE_NEXT_OFFSET: next_offset}
-            if closed:
-                data[P.SSE_CLOSED] = True
-            else:
-                data[P.SSE_CURSOR] = cursor_for(cursor)
-                if up_to_date:
-                    data[P.SSE_UP_TO_DATE] = True
-            return _sse_event("control", json.dumps(data, separators=(",", ":")))
-
-        first = True
-        while not disconnected.is_set() and not self.shutting_down.is_set():
-            current = self.store.get(state.path)
-            if current is not state or state.soft_deleted:
-                return  # deleted under us: end the response; the reconnect gets 404/410
-            result = self.store.read(state, position)
-            chunk = b""
-            if result.records:
-                payload = self._payload(state, result)
-                text = base64.b64encode(payload).decode() if binary else payload.decode("utf-8")
-                chunk += _sse_event("data", text)
-            if result.records or first or result.closed:
-                chunk += control(result.next_offset, result.up_to_date, result.closed)
-                await emit(chunk)
-            first = False
-            position = result.end
-            if result.closed:
-                return
-            if not result.up_to_date:
-                continue
-            remaining = ends_at - time.monotonic()
-            if remaining <= 0:
-                return
-            changed = await self._wait_change(
-                state.path, min(self.config.long_poll_timeout, remaining)
-            )
-            if not changed and not disconnected.is_set() and not self.shutting_down.is_set():
-                result = self.store.read(state, position)
-                if not result.records:
-                    await emit(control(result.next_offset, True, result.closed))
-                    if result.closed:
+        """The events of one SSE response: each read of the tail as data, then control."""
+        tail = self.store.tail(
+            state,
+            position,
+            until=time.monotonic() + self.config.sse_max_duration,
+            idle=self.config.long_poll_timeout,  # an idle tail sends a control event as often
+            stop=(self.shutting_down,),
+        )
+        try:
+            async with contextlib.aclosing(tail) as results:
+                async for result in results:
+                    if disconnected.is_set():
                         return
-            self.store.touch(state)
+                    chunk = b""
+                    if result.records:
+                        chunk += sse_data(state.content_type, self._payload(state, result))
+                    chunk += sse_control(
+                        result.next_offset,
+                        up_to_date=result.up_to_date,
+                        closed=result.closed,
+                        cursor=cursor_for(cursor),
+                    )
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except ProtocolError:
+            return  # deleted under us: end the response; the reconnect gets 404/410

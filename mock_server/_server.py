@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,9 @@ from ._store import StreamStore
 from ._ws import WebSocketConfig, WebSocketEndpoint
 
 log = logging.getLogger("mock_server")
+
+Wrap = Callable[[DurableStreamsApp], Any]
+"""ASGI middleware around the app: takes it, returns the application to serve."""
 
 
 @dataclass
@@ -85,20 +88,6 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def with_chaos(app: DurableStreamsApp, settings: Settings) -> Any:
-    """``app``, wrapped in the chaos fault middleware if ``settings`` ask for it.
-
-    A server in a process of its own may crash itself (the ``crash`` fault).
-    """
-    if not settings.chaos and settings.fault_plan is None:
-        return app
-    from .chaos.plan import FaultPlan
-    from .chaos.server_faults import ServerFaults
-
-    plan = FaultPlan.from_file(settings.fault_plan) if settings.fault_plan else None
-    return ServerFaults(app, plan, allow_crash=True, admin=settings.chaos)
-
-
 def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -135,11 +124,19 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def run(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM."""
+async def run(settings: Settings, *, wrap: Wrap | None = None) -> None:
+    """Serve until SIGINT/SIGTERM.
+
+    ``wrap`` puts ASGI middleware around the app. ``settings.chaos`` and
+    ``settings.fault_plan`` need the chaos middleware, which lives above this
+    module: ``python -m mock_server`` passes ``mock_server.chaos.chaos_middleware``.
+    Raises ``ValueError`` if they are set and ``wrap`` is not.
+    """
+    if (settings.chaos or settings.fault_plan is not None) and wrap is None:
+        raise ValueError("chaos settings need wrap=mock_server.chaos.chaos_middleware(settings)")
     app = build_app(settings)
     sock = bind(settings.host, settings.port)
-    config = _uvicorn_config(with_chaos(app, settings), settings)
+    config = _uvicorn_config(wrap(app) if wrap is not None else app, settings)
     config.load()  # import errors surface before the banner says we are up
     server = _Server(config, app)
     storage = f"sqlite at {settings.data_dir}" if settings.data_dir else "in memory"
@@ -153,6 +150,8 @@ async def run(settings: Settings) -> None:
 
 @dataclass
 class RunningServer:
+    """A server started by :func:`serve`: ``url`` is its base URL."""
+
     url: str
     app: DurableStreamsApp
 
@@ -168,12 +167,16 @@ async def serve(
     long_poll_timeout: float = 1.0,
     host: str = "127.0.0.1",
     port: int = 0,
+    wrap: Wrap | None = None,
     **overrides: Any,
 ) -> AsyncIterator[RunningServer]:
     """Run the server in this event loop on an ephemeral loopback port.
 
     Yields a ``RunningServer`` whose ``url`` is the base URL (streams at
-    ``{url}/v1/stream/...``). Stops the server, ending live reads, on exit.
+    ``{url}/v1/stream/...``). ``wrap`` puts ASGI middleware around the app
+    (``mock_server.chaos.serve_chaos`` passes its fault middleware). Other
+    keyword arguments are :class:`Settings` fields. Stops the server, ending
+    live reads, on exit.
     """
     settings = Settings(
         host=host,
@@ -185,14 +188,14 @@ async def serve(
     )
     app = build_app(settings)
     sock = bind(host, port)
-    server = _Server(_uvicorn_config(app, settings), app)
+    server = _Server(_uvicorn_config(wrap(app) if wrap is not None else app, settings), app)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        while not server.started:
+        while not server.started:  # uvicorn has no start event; it sets this flag
             if task.done():
                 task.result()
                 raise RuntimeError("server stopped before it started")
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
         yield RunningServer(url_of(sock), app)
     finally:
         app.begin_shutdown()

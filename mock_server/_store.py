@@ -11,18 +11,17 @@ that is what serializes each idempotent producer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from durable_client import _protocol as P
+from durable_client import wire as P
 
 from ._model import Landed, ProducerState, Record, StreamState
 from ._offsets import InvalidOffset, new_incarnation, parse_offset
@@ -662,29 +661,87 @@ class StreamStore:
             self._changed[path] = future
         return future
 
-    @contextlib.contextmanager
-    def parked(self, path: str) -> Iterator[None]:
-        """Count a live read as waiting on ``path`` while the block runs (see ``waiting``)."""
+    async def tail(
+        self,
+        state: StreamState,
+        position: int,
+        *,
+        until: float | None = None,
+        idle: float = 30.0,
+        stop: Sequence[asyncio.Event] = (),
+        max_bytes: int | None = None,
+    ) -> AsyncGenerator[ReadResult, None]:
+        """Follow ``state`` from ``position``: the live tail of long-poll, SSE and WebSocket.
+
+        Yields the first read at once (even with nothing in it: the reader
+        learns where it is), then every read with new records, the read that
+        reaches the end of a closed stream, and, when ``idle`` seconds pass
+        without a change, a fresh read with nothing new (a heartbeat). Each
+        read is at most about ``max_bytes`` (``read``); after one that stops
+        short of the tail the next follows at once.
+
+        The change is watched before a result is yielded, so an append made
+        while the caller handles it (sends it, waits for room) wakes the next
+        wait. Ends after the closing read, when an event of ``stop`` is set
+        (checked before every read but the first, and awaited in every wait),
+        or at ``until``, a ``time.monotonic()`` deadline (a last heartbeat is
+        yielded there). Every wake-up touches the stream: a live reader keeps
+        a sliding TTL alive.
+
+        Raises ``ProtocolError`` 404, or 410 with the ``Stream-Incarnation``,
+        when the stream is deleted under the reader.
+        """
+        first, heartbeat = True, False
+        while True:
+            self._check_still_there(state)
+            result = self.read(state, position, max_bytes)
+            position = result.end
+            if result.closed:
+                yield result
+                return
+            # Watch before yielding: the caller may yield to the loop with the result.
+            change = self.watch(state.path) if result.up_to_date else None
+            if first or heartbeat or result.records:
+                yield result
+            first = heartbeat = False
+            if any(event.is_set() for event in stop):
+                return
+            if change is None:
+                continue  # more records are waiting: read on at once
+            timeout = idle if until is None else min(idle, until - time.monotonic())
+            if timeout <= 0:
+                return
+            heartbeat = not await self._wait_for_change(state.path, change, stop, timeout)
+            if any(event.is_set() for event in stop):
+                return
+            self.touch(state)
+
+    def _check_still_there(self, state: StreamState) -> None:
+        """404 if ``state`` was deleted (or replaced) under a live read, 410 if soft-deleted."""
+        current = self.get(state.path)
+        if current is not state:
+            raise ProtocolError(404, "stream was deleted")
+        if state.soft_deleted:
+            raise ProtocolError(
+                410, "stream was deleted", {P.STREAM_INCARNATION: state.incarnation_text}
+            )
+
+    async def _wait_for_change(
+        self, path: str, change: asyncio.Future[None], stop: Sequence[asyncio.Event], timeout: float
+    ) -> bool:
+        """Wait for ``change``, an event of ``stop`` or the timeout; whether ``change`` came."""
         self._waiting[path] = self._waiting.get(path, 0) + 1
+        stopping = [asyncio.ensure_future(event.wait()) for event in stop]
+        watched: list[asyncio.Future[Any]] = [change, *stopping]
         try:
-            yield
+            await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for waiter in stopping:
+                waiter.cancel()
             self._waiting[path] -= 1
             if not self._waiting[path]:
                 del self._waiting[path]
-
-    async def wait(self, path: str, timeout: float) -> bool:
-        """Wait until the stream at ``path`` changes; False on timeout.
-
-        Registers before it first yields, so awaiting it right after a read misses nothing.
-        """
-        future = self.watch(path)
-        with self.parked(path):
-            try:
-                await asyncio.wait_for(asyncio.shield(future), timeout)
-            except TimeoutError:
-                return False
-        return True
+        return change.done()
 
     def waiting(self, path: str) -> int:
         """How many live reads are waiting for ``path`` to change (for tests and metrics)."""

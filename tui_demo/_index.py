@@ -14,7 +14,8 @@ from typing import Any, cast
 
 from pydantic import BaseModel
 
-from durable_client import DurableStream, ReadBatch, StreamNotFound
+from durable_client import StreamNotFound
+from durable_client.streams import DurableStream, ReadBatch
 
 INDEX_PATH = "/v1/stream/chat-index"
 

@@ -30,7 +30,6 @@ from textual.widgets.option_list import Option
 from durable_client import (
     Author,
     DurableError,
-    DurableStream,
     Member,
     PresenceUnavailable,
     ReplyStatus,
@@ -38,6 +37,7 @@ from durable_client import (
     SteerMode,
     Transcript,
 )
+from durable_client.streams import DurableStream
 
 from ._index import IndexEntry, announce, recent
 from .widgets import ChatLog, Note, StatusBar, short_offset

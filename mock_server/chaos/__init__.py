@@ -2,7 +2,9 @@
 
 - :mod:`~mock_server.chaos.plan`: fault plans as data (:class:`FaultPlan`), from
   JSON or YAML, or drawn from a seed.
-- :class:`ChaosProxy`: byte-level faults in a TCP proxy in front of any server.
+- :class:`ChaosProxy`: faults in a TCP proxy in front of any server: byte-level
+  ones from a plan, and scripted ones on one HTTP message or WebSocket frame
+  (:class:`HttpFault`, :class:`WsFault`).
 - :class:`ServerFaults`, :func:`serve_chaos`: application-level faults in this
   project's server (also ``python -m mock_server --chaos``, with an admin endpoint).
 - :func:`check_history`, :class:`HistoryRecorder`: lost, duplicated, reordered
@@ -14,7 +16,7 @@
 See docs/chaos.md.
 """
 
-from ._serve import ChaosServer, serve_chaos
+from ._serve import ChaosServer, chaos_middleware, serve_chaos
 from .checker import (
     HistoryRecorder,
     HistoryReport,
@@ -57,7 +59,7 @@ from .plan import (
     derive_seed,
     rng_for,
 )
-from .proxy import ChaosProxy, ConnectionStats, ProxyFaultRecord
+from .proxy import ChaosProxy, ConnectionStats, HttpFault, ProxyFaultRecord, WsFault
 from .reader import ProtocolReader, ProtocolWriter, ReaderGaveUp, RetryPolicy, WriterGaveUp
 from .scenario import ScenarioResult, run_scenario
 from .server_faults import ConnectionDropped, ServerFaultRecord, ServerFaults
@@ -84,6 +86,7 @@ __all__ = [
     "HistoryRecorder",
     "HistoryReport",
     "HttpError",
+    "HttpFault",
     "Latency",
     "LostAck",
     "Match",
@@ -111,6 +114,8 @@ __all__ = [
     "Trim",
     "WriterGaveUp",
     "WsClose",
+    "WsFault",
+    "chaos_middleware",
     "check_history",
     "content_hash",
     "derive_seed",

@@ -1,8 +1,7 @@
-"""Run this project's server in-process with server faults (for tests)."""
+"""Run this project's server with server faults: in-process for tests, or from the command line."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -10,25 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from .._http import DurableStreamsApp
-from .._server import Settings, _Server, _uvicorn_config, bind, build_app, url_of
-from .._store import StreamStore
+from .._server import RunningServer, Settings, Wrap, serve
 from .plan import FaultPlan
 from .server_faults import ServerFaults
 
-__all__ = ["ChaosServer", "serve_chaos"]
+__all__ = ["ChaosServer", "chaos_middleware", "serve_chaos"]
 
 
 @dataclass
-class ChaosServer:
+class ChaosServer(RunningServer):
     """A running server with fault injection: ``url`` is its base URL."""
 
-    url: str
-    app: DurableStreamsApp
     faults: ServerFaults
-
-    @property
-    def store(self) -> StreamStore:
-        return self.app.store
 
     def set_plan(self, plan: FaultPlan) -> None:
         """Apply ``plan``'s server rules from the next request on (counters restart)."""
@@ -36,6 +28,18 @@ class ChaosServer:
 
     def stream_url(self, path: str) -> str:
         return f"{self.url}/v1/stream/{path.lstrip('/')}"
+
+
+def chaos_middleware(settings: Settings) -> Wrap:
+    """The middleware ``python -m mock_server --chaos`` / ``--fault-plan`` serves with:
+    the faults of ``settings.fault_plan`` from the start, the admin endpoint if
+    ``settings.chaos``, and ``crash`` allowed (the server has a process of its own)."""
+    plan = FaultPlan.from_file(settings.fault_plan) if settings.fault_plan else None
+
+    def wrap(app: DurableStreamsApp) -> ServerFaults:
+        return ServerFaults(app, plan, allow_crash=True, admin=settings.chaos)
+
+    return wrap
 
 
 @asynccontextmanager
@@ -55,28 +59,18 @@ async def serve_chaos(
     are :class:`mock_server.Settings` fields. The ``crash`` fault needs the
     server in its own process: use :class:`~mock_server.chaos.CrashHarness`.
     """
-    settings = Settings(
+    made: list[ServerFaults] = []
+
+    def wrap(app: DurableStreamsApp) -> ServerFaults:
+        made.append(ServerFaults(app, plan, admin=admin))
+        return made[-1]
+
+    async with serve(
+        data_dir=data_dir,
+        long_poll_timeout=long_poll_timeout,
         host=host,
         port=port,
-        data_dir=Path(data_dir) if data_dir is not None else None,
-        long_poll_timeout=long_poll_timeout,
-        log_level="warning",
+        wrap=wrap,
         **overrides,
-    )
-    app = build_app(settings)
-    faults = ServerFaults(app, plan, admin=admin)
-    sock = bind(host, port)
-    server = _Server(_uvicorn_config(faults, settings), app)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:  # uvicorn has no start event; it sets this flag
-            if task.done():
-                task.result()
-                raise RuntimeError("server stopped before it started")
-            await asyncio.sleep(0.005)
-        yield ChaosServer(url_of(sock), app, faults)
-    finally:
-        app.begin_shutdown()
-        server.should_exit = True
-        await task
-        sock.close()
+    ) as running:
+        yield ChaosServer(running.url, running.app, made[0])

@@ -21,27 +21,20 @@ returned by ``GET``) but act only where a :class:`ChaosProxy` runs them.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
-from durable_client import _protocol as P
+from durable_client import wire as P
 
-from .._http import _respond
-from .._store import ProtocolError
+from .._asgi import App, Receive, Scope, Send
+from .._http import respond
+from .._store import ProtocolError, StreamStore
+from ._rules import RuleBook
 from .plan import FaultPlan
-
-if TYPE_CHECKING:
-    from .server_faults import ServerFaults
 
 __all__ = ["admin_routes"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _MAX_BODY = 1024 * 1024
 
@@ -64,7 +57,7 @@ async def _body(receive: Receive) -> bytes:
 
 async def _json(send: Send, status: int, value: Any) -> None:
     body = json.dumps(value, indent=2).encode() + b"\n"
-    await _respond(
+    await respond(
         send,
         status,
         [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
@@ -73,7 +66,7 @@ async def _json(send: Send, status: int, value: Any) -> None:
 
 
 async def _error(send: Send, status: int, message: str) -> None:
-    await _respond(
+    await respond(
         send, status, [("Content-Type", "text/plain; charset=utf-8")], (message + "\n").encode()
     )
 
@@ -85,8 +78,9 @@ def _content_type(scope: Scope) -> str:
     return ""
 
 
-def admin_routes(faults: ServerFaults) -> dict[str, Handler]:
-    """The admin handlers for ``DurableStreamsApp(extra_routes=...)``."""
+def admin_routes(faults: RuleBook, store: StreamStore) -> dict[str, App]:
+    """The admin handlers for ``DurableStreamsApp(extra_routes=...)``: they change
+    the plan of the rule book ``faults`` and trim the streams of ``store``."""
 
     async def plan(scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"].upper()
@@ -109,7 +103,7 @@ def admin_routes(faults: ServerFaults) -> dict[str, Handler]:
             await _json(send, 200, json.loads(faults.plan.to_json()))
         elif method == "DELETE":
             faults.set_plan(FaultPlan())
-            await _respond(send, 204)
+            await respond(send, 204)
         else:
             await _error(send, 405, "use GET, PUT or DELETE on /_chaos/plan")
 
@@ -127,11 +121,11 @@ def admin_routes(faults: ServerFaults) -> dict[str, Handler]:
         if not path.startswith("/"):
             path = P.STREAM_PATH_PREFIX + path
         try:
-            floor = faults.store.trim(path, max(0, keep_last))
+            floor = store.trim(path, max(0, keep_last))
         except ProtocolError as exc:
             await _error(send, exc.status, exc.message)
             return
-        trimmed_to = faults.store.require(path).offset(floor)
+        trimmed_to = store.require(path).offset(floor)
         await _json(send, 200, {"path": path, "trimmed_to": trimmed_to})
 
     async def reset(scope: Scope, receive: Receive, send: Send) -> None:
@@ -139,7 +133,7 @@ def admin_routes(faults: ServerFaults) -> dict[str, Handler]:
             await _error(send, 405, "use POST on /_chaos/reset")
             return
         faults.reset()
-        await _respond(send, 204)
+        await respond(send, 204)
 
     async def log(scope: Scope, receive: Receive, send: Send) -> None:
         await _json(send, 200, [json.loads(r.model_dump_json()) for r in faults.log])

@@ -48,6 +48,7 @@ __all__ = [
     "Fault",
     "FaultPlan",
     "Fin",
+    "Firings",
     "HalfOpen",
     "HttpError",
     "Latency",
@@ -461,6 +462,29 @@ class Rule(_Model):
             parts = [f"{k}={v}" for k, v in self.match.model_dump(exclude_none=True).items()]
             where = f" [{', '.join(parts)}]"
         return f"{call(self.trigger)} -> {call(self.fault)} {count}{where}"
+
+
+class Firings:
+    """How often each rule of a plan has fired, against the rule's ``count``."""
+
+    def __init__(self) -> None:
+        self._fired: dict[int, int] = {}
+
+    def __getitem__(self, index: int) -> int:
+        return self._fired.get(index, 0)
+
+    def can_fire(self, index: int, rule: Rule) -> bool:
+        return rule.count is None or self[index] < rule.count
+
+    def take(self, index: int, rule: Rule) -> bool:
+        """Whether rule ``index`` may fire once more; counts the firing if so."""
+        if not self.can_fire(index, rule):
+            return False
+        self._fired[index] = self[index] + 1
+        return True
+
+    def clear(self) -> None:
+        self._fired.clear()
 
 
 def _yaml() -> Any:

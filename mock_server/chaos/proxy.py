@@ -1,42 +1,54 @@
-"""A TCP chaos proxy: byte-level faults in front of any server, at exact points.
+"""The chaos proxy: faults in front of any server, at exact points.
 
 :class:`ChaosProxy` listens on a loopback port, opens one upstream connection
-per client connection and copies bytes both ways. The proxy rules of a
-:class:`~mock_server.chaos.plan.FaultPlan` decide, per connection, what goes
-wrong and exactly where: a TCP reset or a FIN after byte *B*, a blackholed
-(half-open) connection, latency with jitter, a bandwidth cap, data sliced
-into small writes, or the whole proxy refusing connections for a while. It
-knows nothing of HTTP, so it works for any server and any protocol over TCP
-(HTTP, SSE, WebSocket).
+per client connection and copies bytes both ways. Two kinds of faults:
+
+- the proxy rules of a :class:`~mock_server.chaos.plan.FaultPlan` decide, per
+  connection, what goes wrong at the byte level and exactly where: a TCP
+  reset or a FIN after byte *B*, a blackholed (half-open) connection, latency
+  with jitter, a bandwidth cap, data sliced into small writes, or the whole
+  proxy refusing connections for a while. They work for any protocol over
+  TCP (HTTP, SSE, WebSocket, or none);
+- scripted faults (:class:`~mock_server.chaos.HttpFault`,
+  :class:`~mock_server.chaos.WsFault`, added with :meth:`ChaosProxy.add`) hit
+  one HTTP message or WebSocket frame: the n-th POST's answer, the first
+  ``ack`` frame, the response after its third SSE event. The proxy follows
+  HTTP/1.1 and WebSocket framing to find them (:mod:`._messages`); a
+  connection that does not start with an HTTP request is plain bytes.
+
+Besides, :meth:`~ChaosProxy.offline` and :meth:`~ChaosProxy.online` stop and
+restart listening, :meth:`~ChaosProxy.cut_all` cuts every open connection
+and :meth:`~ChaosProxy.freeze_all` makes them half-open.
 
 Connections are numbered from 1 in accept order. Every random choice (the
 ``probability`` trigger, jitter, slice sizes) comes from a generator derived
 from the plan's seed, the rule and the connection number.
 
-The proxy is also the test's eyes: it counts connections and bytes, keeps a
-log of the faults it applied, and lets the test await a condition
-(:meth:`ChaosProxy.wait_for`) instead of sleeping.
+The proxy is also the test's eyes: it counts connections and bytes, lists
+the HTTP requests it forwarded, keeps a log of the faults it applied, and
+lets the test await a condition (:meth:`ChaosProxy.wait_for`) instead of
+sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import socket
-import struct
-import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from ._changes import Changes
+from ._messages import HttpFault, MessageFollower, Script, WsFault
+from ._sockets import reset, wait_flushed
 from .plan import (
     AfterBytes,
     Bandwidth,
     FaultPlan,
+    Firings,
     Latency,
     OnConnection,
     Probability,
@@ -44,10 +56,11 @@ from .plan import (
     Slicer,
 )
 
-__all__ = ["ChaosProxy", "ConnectionStats", "ProxyFaultRecord"]
+__all__ = ["ChaosProxy", "ConnectionStats", "HttpFault", "ProxyFaultRecord", "WsFault"]
 
 _CHUNK = 65536
-_FLUSH_TIMEOUT = 2.0
+
+ScriptedFault = TypeVar("ScriptedFault", HttpFault, WsFault)
 
 
 @dataclass
@@ -60,7 +73,7 @@ class ConnectionStats:
     bytes_down: int = 0  # server -> client
     faults: list[str] = field(default_factory=list)
     closed: bool = False
-    ended_by: str | None = None  # "client", "upstream", "reset", "fin", "half_open", ...
+    ended_by: str | None = None  # "client", "upstream", "reset", "fin", "abort", "half_open", ...
 
 
 @dataclass(frozen=True)
@@ -80,53 +93,18 @@ class ProxyFaultRecord:
 
 
 @dataclass
-class _RuleState:
-    fired: int = 0
-
-
-@dataclass
 class _Shaping:
     latency: Latency | None = None
     bandwidth: Bandwidth | None = None
     slicer: Slicer | None = None
 
 
-def _abortive_close(writer: asyncio.StreamWriter) -> None:
-    """Close with a TCP RST: linger on, timeout 0, then abort."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
-def unsent_bytes(sock: socket.socket | None) -> int:
-    """Bytes the kernel has not yet had acknowledged by the peer (Linux); 0 elsewhere."""
-    if sock is None:
-        return 0
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except (OSError, ValueError):
-        return 0
-    value: int = struct.unpack("i", raw)[0]
-    return value
-
-
 async def flush(writer: asyncio.StreamWriter) -> None:
     """Wait until everything written has left the process and reached the peer,
     so a reset right after loses none of it (a RST discards unsent data)."""
-    transport = writer.transport
-    deadline = time.monotonic() + _FLUSH_TIMEOUT
     with contextlib.suppress(ConnectionError, OSError):
         await writer.drain()
-    sock = writer.get_extra_info("socket")
-    # No event says "the kernel's send queue is empty"; poll it, bounded.
-    while (  # noqa: ASYNC110 - kernel state; nothing to await
-        not transport.is_closing()
-        and (transport.get_write_buffer_size() or unsent_bytes(sock))
-        and time.monotonic() < deadline
-    ):
-        await asyncio.sleep(0.001)
+    await wait_flushed(writer.transport)
 
 
 class _Link:
@@ -151,13 +129,17 @@ class _Link:
         self.half_closed: list[str] = []  # "client"/"upstream", in the order they sent EOF
         self.finished = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
+        self.follower = MessageFollower(proxy.script)
+        self.upgrade_settled = asyncio.Event()  # the answer to a WebSocket upgrade came
         plan = proxy.plan
         self.rng = plan.rng("proxy", "connection", stats.number)
 
     # ------------------------------------------------------------ ending
 
-    def end(self, how: Literal["reset", "fin", "client", "upstream", "error"]) -> None:
-        """Close both sides: ``reset`` with RSTs, anything else with FINs."""
+    def end(self, how: Literal["reset", "fin", "abort", "client", "upstream", "error"]) -> None:
+        """Close both sides: ``reset`` with RSTs, ``abort`` at once (the kernel sends
+        what it holds, then a FIN, or a RST if unread data is pending), anything
+        else with FINs after what is buffered."""
         if self.stats.closed:
             return
         self.stats.closed = True
@@ -166,7 +148,9 @@ class _Link:
             if writer is None:
                 continue
             if how == "reset":
-                _abortive_close(writer)
+                reset(writer.transport)
+            elif how == "abort":
+                writer.transport.abort()
             else:
                 writer.close()
         for task in self.tasks:
@@ -175,11 +159,18 @@ class _Link:
         self.finished.set()
         self.proxy._changed()
 
-    async def freeze(self) -> None:
+    def freeze(self) -> None:
         """Half-open: stop forwarding; keep both sockets open until the client leaves."""
         self.frozen = True
         self.stats.ended_by = "half_open"
         self.proxy._changed()
+
+    async def cut(self) -> None:
+        """End the connection right after what was forwarded has arrived (a scripted fault)."""
+        for writer in (self.client_writer, self.upstream_writer):
+            if writer is not None:
+                await flush(writer)
+        self.end("abort")
 
     # ------------------------------------------------------------ pumping
 
@@ -219,6 +210,8 @@ class _Link:
             try:
                 data = await reader.read(_CHUNK)
             except (ConnectionError, OSError):
+                if self.frozen:
+                    return  # blackholed: not even a reset gets through
                 # The peer reset its side: pass the reset on.
                 self.end("reset")
                 return
@@ -227,6 +220,9 @@ class _Link:
                     if direction == "up":
                         self.end("client")  # the client gave up on the blackholed connection
                     return
+                # A message its sender cut short goes on as it is.
+                if not await self.forward(writer, self.follower.flush(direction), direction):
+                    return
                 with contextlib.suppress(ConnectionError, OSError, RuntimeError):
                     if writer.can_write_eof():
                         writer.write_eof()
@@ -234,35 +230,66 @@ class _Link:
                 return
             if self.frozen:
                 continue  # read and drop: the sender's writes succeed, nothing arrives
-            cut: tuple[int, Rule] | None = None
+            if not await self.follow(writer, data, direction):
+                return
+
+    async def follow(
+        self, writer: asyncio.StreamWriter, data: bytes, direction: Literal["up", "down"]
+    ) -> bool:
+        """Pass ``data`` through the message follower and on; False once the link is over."""
+        out, cut = self.follower.feed(direction, data)
+        if direction == "down":
+            self.upgrade_settled.set()
+        if not await self.forward(writer, out, direction):
+            return False
+        if cut and not self.frozen:
+            await self.cut()
+            return False
+        # After a WebSocket upgrade request the client's bytes wait for the answer:
+        # they are WebSocket frames if it is a 101, HTTP otherwise.
+        while direction == "up" and self.follower.awaiting_upgrade and not self.stats.closed:
+            self.upgrade_settled.clear()
+            await self.upgrade_settled.wait()
+            out, cut = self.follower.feed(direction, b"")
+            if not await self.forward(writer, out, direction):
+                return False
+            if cut and not self.frozen:
+                await self.cut()
+                return False
+        return not self.stats.closed
+
+    async def forward(
+        self, writer: asyncio.StreamWriter, data: bytes, direction: Literal["up", "down"]
+    ) -> bool:
+        """Deliver ``data``, firing the ``after_bytes`` rules that land inside it;
+        False once the link is over (a half-open link goes on, forwarding nothing)."""
+        while data and not self.frozen:
             counted = self.stats.bytes_up if direction == "up" else self.stats.bytes_down
+            cut: tuple[int, Rule] | None = None
             for index, rule in self.cuts:
-                if not self.proxy._can_fire(index, rule):
-                    continue
                 trigger = rule.trigger
                 assert isinstance(trigger, AfterBytes)
-                reached = counted + len(data) >= trigger.bytes
                 if (
                     trigger.direction == direction
-                    and reached
+                    and counted + len(data) >= trigger.bytes
+                    and self.proxy._firings.can_fire(index, rule)
                     and (cut is None or trigger.bytes < _cut_at(cut))
                 ):
                     cut = (index, rule)
-            if cut is not None:
-                keep = _cut_at(cut) - counted
-                data = data[:keep]
+            piece = data if cut is None else data[: max(0, _cut_at(cut) - counted)]
             try:
-                await self.deliver(writer, data, direction)
+                await self.deliver(writer, piece, direction)
             except (ConnectionError, OSError):
                 self.end("reset")
-                return
-            if cut is not None:
-                self.cuts.remove(cut)
-                await self.proxy._fire_at_point(self, cut[0], cut[1], direction)
-                if self.stats.closed or self.frozen:
-                    if self.frozen:
-                        continue
-                    return
+                return False
+            if cut is None:
+                break
+            data = data[len(piece) :]
+            self.cuts.remove(cut)
+            await self.proxy._fire_at_point(self, cut[0], cut[1], direction)
+            if self.stats.closed:
+                return False
+        return not self.stats.closed
 
     def _half_closed(self, direction: str, source: str) -> None:
         """One side finished sending; the connection ends when both have, and
@@ -327,16 +354,18 @@ def _cut_at(cut: tuple[int, Rule]) -> int:
 
 
 class ChaosProxy:
-    """A byte-level fault-injecting TCP proxy in front of ``upstream``.
+    """A fault-injecting TCP proxy in front of ``upstream`` (see the module docstring).
 
     ``upstream`` is ``"host:port"``, ``(host, port)`` or a URL (``http://...``).
     Use it as an async context manager, or call :meth:`start` and :meth:`close`::
 
         async with ChaosProxy(server.url, plan) as proxy:
             client = httpx.AsyncClient(base_url=proxy.url)
+            lost = proxy.add(HttpFault(method="POST", lose_response=True))
 
     The plan can change while it runs (:meth:`set_plan`); a change applies to
-    connections accepted afterwards, and resets the rules' counters.
+    connections accepted afterwards, and resets the rules' counters. Scripted
+    faults apply from the next message on.
     """
 
     def __init__(
@@ -369,13 +398,14 @@ class ChaosProxy:
         self.bytes_up = 0
         self.bytes_down = 0
         self.refused_while_down = 0
-        self._rules: dict[int, _RuleState] = {}
+        self._firings = Firings()
         self._links: dict[int, _Link] = {}
         self._server: asyncio.Server | None = None
         self._up = asyncio.Event()
         self._up_again: asyncio.TimerHandle | None = None
         self._changes = Changes()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.script = Script()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -418,6 +448,25 @@ class ChaosProxy:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
+    async def online(self) -> None:
+        """Listen (again, on the same port); the same as :meth:`up`."""
+        await self.up()
+
+    async def offline(self) -> None:
+        """Stop listening (new connections are refused) and cut every open connection
+        (:meth:`cut_all`), until :meth:`online`."""
+        if self._up_again is not None:
+            self._up_again.cancel()
+            self._up_again = None
+        server, self._server = self._server, None
+        self._up.clear()
+        if server is not None:
+            server.close()
+        self.cut_all()
+        if server is not None:
+            await server.wait_closed()
+        self._changed()
+
     @property
     def address(self) -> tuple[str, int]:
         return self.host, self.port
@@ -446,7 +495,41 @@ class ChaosProxy:
     def set_plan(self, plan: FaultPlan) -> None:
         """Use ``plan`` for connections accepted from now on; counters restart."""
         self.plan = plan
-        self._rules.clear()
+        self._firings.clear()
+
+    @property
+    def faults(self) -> list[HttpFault | WsFault]:
+        """The scripted faults, in the order they were added."""
+        return self.script.faults
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """Every HTTP request forwarded so far, as (method, target)."""
+        return self.script.requests
+
+    def add(self, fault: ScriptedFault) -> ScriptedFault:
+        """Schedule a scripted fault; returns it (its ``fired`` event is set when it hits)."""
+        self.script.faults.append(fault)
+        return fault
+
+    def cut_all(self) -> int:
+        """Cut every open connection now, without waiting for anything (the kernel
+        sends a FIN, or a RST where unread data is pending); returns how many."""
+        links = [link for link in self._links.values() if not link.stats.closed]
+        for link in links:
+            link.stats.faults.append("cut_all")
+            link.end("abort")
+        return len(links)
+
+    def freeze_all(self) -> int:
+        """Make every open connection half-open: nothing more is forwarded either way and
+        nothing is closed (not even when the server gives up) until the client closes
+        its side. Returns how many."""
+        links = [link for link in self._links.values() if not link.stats.closed]
+        for link in links:
+            link.stats.faults.append("freeze_all")
+            link.freeze()
+        return len(links)
 
     def reset_all(self, how: Literal["reset", "fin"] = "reset") -> int:
         """Cut every open connection (RST by default); returns how many."""
@@ -501,18 +584,6 @@ class ChaosProxy:
 
     # ------------------------------------------------------------ rules
 
-    def _can_fire(self, index: int, rule: Rule) -> bool:
-        state = self._rules.get(index)
-        return rule.count is None or state is None or state.fired < rule.count
-
-    def _take(self, index: int, rule: Rule) -> bool:
-        """Whether ``rule`` may fire once more; counts the firing if so."""
-        state = self._rules.setdefault(index, _RuleState())
-        if rule.count is not None and state.fired >= rule.count:
-            return False
-        state.fired += 1
-        return True
-
     def _record(
         self, link: _Link, index: int, rule: Rule, at_byte: int | None, direction: str | None
     ) -> None:
@@ -536,7 +607,7 @@ class ChaosProxy:
             await self._serve(reader, writer)
         except asyncio.CancelledError:
             # Only close() cancels a connection's task; asyncio would log it as an error.
-            _abortive_close(writer)
+            reset(writer.transport)
         finally:
             self._tasks.discard(task)
 
@@ -544,7 +615,7 @@ class ChaosProxy:
         if not self._up.is_set():
             # Accepted just before the listener closed: treat it as refused.
             self.refused_while_down += 1
-            _abortive_close(writer)
+            reset(writer.transport)
             return
         number = len(self.connections) + 1
         stats = ConnectionStats(number=number, opened_at=time.monotonic())
@@ -574,7 +645,7 @@ class ChaosProxy:
                 draw = self.plan.rng("proxy", index, "connection", number).random()
                 if draw >= trigger.p:
                     continue
-            if not self._take(index, rule):
+            if not self._firings.take(index, rule):
                 continue
             self._record(link, index, rule, None, None)
             if not await self._apply(link, rule, None):
@@ -584,7 +655,7 @@ class ChaosProxy:
     async def _fire_at_point(
         self, link: _Link, index: int, rule: Rule, direction: Literal["up", "down"]
     ) -> None:
-        if not self._take(index, rule):
+        if not self._firings.take(index, rule):
             return
         counted = link.stats.bytes_up if direction == "up" else link.stats.bytes_down
         self._record(link, index, rule, counted, direction)
@@ -602,7 +673,7 @@ class ChaosProxy:
             link.end("reset" if kind == "reset" else "fin")
             return False
         if kind == "half_open":
-            await link.freeze()
+            link.freeze()
             if link.upstream_writer is None:
                 # Blackholed from the start: never connect upstream; drain the client.
                 task = asyncio.ensure_future(

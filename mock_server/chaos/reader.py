@@ -35,7 +35,8 @@ import httpx
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from durable_client import _protocol as P
+import durable_client as sdk
+from durable_client import wire as P
 
 from .checker import Published, Seen, SubscriberHistory
 
@@ -190,34 +191,33 @@ class ProtocolReader:
         return httpx.Timeout(self.idle_timeout, connect=self.idle_timeout)
 
     async def _loop(self, client: httpx.AsyncClient) -> None:
-        attempt = 0
+        retrying = _reconnect_policy(self.retry).retrying(retry_if=_retryable)
         catching_up = True
-        while not self.closed:
-            retry_after: str | None = None
-            before = self.offset
-            try:
-                self.requests += 1
-                if self.transport == "sse":
-                    progressed = await self._sse(client)
-                elif self.transport == "ws":
-                    progressed = await self._ws()
-                else:
-                    progressed, catching_up = await self._poll(client, catching_up)
-                if progressed:
-                    attempt = 0
-                continue
-            except _Retry as exc:
-                retry_after = exc.retry_after
-                self.failures[exc.reason] += 1
-            except (httpx.TransportError, httpx.StreamError, _Garbled, OSError) as exc:
-                self.failures[type(exc).__name__] += 1
-            except WebSocketException as exc:
-                self.failures[_ws_failure(exc)] += 1
-            attempt = 1 if self.offset != before else attempt + 1
-            self.reconnects += 1
-            if attempt > self.retry.max_attempts:
-                raise ReaderGaveUp(f"{self.name}: {attempt - 1} failures in a row at {self.offset}")
-            await asyncio.sleep(self.retry.delay(attempt, retry_after))
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    while not self.closed:
+                        before = self.offset
+                        try:
+                            self.requests += 1
+                            if self.transport == "sse":
+                                progressed = await self._sse(client)
+                            elif self.transport == "ws":
+                                progressed = await self._ws()
+                            else:
+                                progressed, catching_up = await self._poll(client, catching_up)
+                        except _RETRYABLE as exc:
+                            self.failures[_failure_name(exc)] += 1
+                            self.reconnects += 1
+                            if self.offset != before:
+                                retrying.reset()  # it read something first: a new run of failures
+                            raise
+                        if progressed:
+                            retrying.reset()
+        except _RETRYABLE as exc:
+            raise ReaderGaveUp(
+                f"{self.name}: {retrying.failures - 1} failures in a row at {self.offset}"
+            ) from exc
 
     def _status(self, response: httpx.Response) -> None:
         """Handle a refusal: retry, jump over a retention gap, or give up."""
@@ -343,7 +343,25 @@ class ProtocolReader:
         return True, catching_up and not up_to_date
 
 
-def _ws_failure(exc: WebSocketException) -> str:
+def _reconnect_policy(retry: RetryPolicy) -> sdk.RetryPolicy:
+    """``retry`` as the SDK's policy, whose engine runs the reader's reconnects:
+    without jitter (a seeded run replays the same waits), ``max_attempts``
+    counting the first attempt too, ``Retry-After`` a floor."""
+    # The SDK refuses a zero delay; a microsecond is the same "at once".
+    initial = max(retry.initial, 1e-6)
+    return sdk.RetryPolicy(
+        initial_delay=initial,
+        max_delay=max(retry.maximum, initial),
+        multiplier=max(retry.multiplier, 1.0),
+        jitter=False,
+        max_attempts=retry.max_attempts + 1,
+        max_retry_after=retry.retry_after_cap,
+    )
+
+
+def _failure_name(exc: BaseException) -> str:
+    if isinstance(exc, _Retry):
+        return exc.reason
     if isinstance(exc, ConnectionClosed):
         frame = exc.rcvd
         return f"ws close {frame.code}" if frame is not None else "ws close 1006"
@@ -354,11 +372,35 @@ class _Retry(Exception):
     def __init__(self, reason: str, retry_after: str | None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.retry_after = retry_after
+        self.retry_after = _seconds(retry_after)
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """A ``Retry-After`` in seconds (``None`` if absent or not a number)."""
+    try:
+        return max(0.0, float(retry_after)) if retry_after is not None else None
+    except ValueError:
+        return None
 
 
 class _Garbled(Exception):
     """The server sent something the protocol does not allow."""
+
+
+#: What the reader retries: refusals that say "later", broken connections and
+#: garbled answers (a fault, not the stream). Anything else ends the run.
+_RETRYABLE = (
+    _Retry,
+    httpx.TransportError,
+    httpx.StreamError,
+    _Garbled,
+    OSError,
+    WebSocketException,
+)
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, _RETRYABLE)
 
 
 def _json(data: str | bytes) -> Any:

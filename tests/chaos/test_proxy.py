@@ -18,12 +18,14 @@ from mock_server.chaos import (
     FaultPlan,
     Fin,
     HalfOpen,
+    HttpFault,
     Latency,
     OnConnection,
     Probability,
     Reset,
     Rule,
     Slicer,
+    WsFault,
     rng_for,
 )
 
@@ -286,3 +288,122 @@ def test_url_keeps_the_upstream_scheme_and_path() -> None:
     proxy.port = 5555
     assert proxy.url == "http://127.0.0.1:5555/base"
     assert ChaosProxy("localhost:81").upstream == ("localhost", 81)
+
+
+# ---------------------------------------------------------------- scripted faults
+
+
+async def test_a_client_that_does_not_speak_http_gets_plain_bytes(upstream: Upstream) -> None:
+    upstream.send_on_connect = b""
+    async with ChaosProxy(("127.0.0.1", upstream.port)) as proxy:
+        reader, writer = await connect(proxy)
+        sent = b"HELLO WORLD\r\n\r\nnot http"  # a method-like word, then no request line
+        writer.write(sent)
+        assert await reader.readexactly(len(sent)) == sent
+        assert proxy.requests == []
+
+
+async def test_cut_all_freeze_all_offline_online(upstream: Upstream) -> None:
+    async with ChaosProxy(("127.0.0.1", upstream.port)) as proxy:
+        reader, writer = await connect(proxy)
+        await reader.readexactly(len(PAYLOAD))
+        assert proxy.cut_all() == 1
+        assert (await read_all(reader))[1] in ("eof", "ConnectionResetError")
+        reader, writer = await connect(proxy)
+        await reader.readexactly(len(PAYLOAD))
+        assert proxy.freeze_all() == 1
+        writer.write(b"lost")
+        await writer.drain()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.05)
+        assert upstream.received[1] == b""
+        port = proxy.port
+        await proxy.offline()
+        with pytest.raises(ConnectionRefusedError):
+            await connect(proxy)
+        await proxy.online()
+        assert proxy.port == port
+        reader, _ = await connect(proxy)
+        assert await reader.readexactly(10) == PAYLOAD[:10]
+
+
+@pytest.fixture
+async def ours() -> AsyncIterator[str]:
+    from mock_server.testing import serve
+
+    async with serve() as running:
+        yield running.url
+
+
+async def test_scripted_faults_hit_one_http_message(ours: str) -> None:
+    import httpx
+
+    stream = "/v1/stream/scripted"
+    text = {"Content-Type": "text/plain"}
+    async with (
+        ChaosProxy(ours) as proxy,
+        httpx.AsyncClient(base_url=proxy.url, timeout=5) as client,
+        httpx.AsyncClient(base_url=ours, timeout=5) as direct,
+    ):
+        assert (await client.put(stream, headers=text)).status_code == 201
+        lost = proxy.add(HttpFault(method="POST", nth=2, lose_response=True))
+        # Counts its own matches, but not the one the fault before it took.
+        dropped = proxy.add(HttpFault(path_contains="scripted", nth=2, drop_request=True))
+        assert (await client.post(stream, headers=text, content=b"a")).status_code == 204
+        with pytest.raises(httpx.TransportError):
+            await client.post(stream, headers=text, content=b"b")  # applied, answer lost
+        assert lost.fired.is_set()
+        with pytest.raises(httpx.TransportError):
+            await client.post(stream, headers=text, content=b"c")  # never reaches the server
+        assert dropped.fired.is_set()
+        assert (await direct.get(stream, params={"offset": "-1"})).content == b"ab"
+        assert proxy.requests == [("PUT", stream), *[("POST", stream)] * 3]
+
+        # The SSE response is cut right after its first two events (data, control).
+        cut = proxy.add(HttpFault(sse=True, after_events=2))
+        lines: list[str] = []
+
+        async def read_sse() -> None:
+            async with client.stream("GET", f"{stream}?offset=-1&live=sse") as response:
+                async for line in response.aiter_lines():
+                    lines.append(line)
+
+        with pytest.raises(httpx.TransportError):
+            await read_sse()
+        assert cut.fired.is_set()
+        assert [line.split(":")[0] for line in lines if line] == ["event", "data"] * 2
+
+
+async def test_scripted_faults_hit_one_websocket_frame(ours: str) -> None:
+    import httpx
+    from websockets.asyncio.client import connect as ws_connect
+    from websockets.exceptions import ConnectionClosed
+
+    async with ChaosProxy(ours) as proxy, httpx.AsyncClient(base_url=ours) as direct:
+        await direct.put("/v1/stream/frames", headers={"Content-Type": "application/json"})
+        ping = proxy.add(WsFault(direction="up", contains='"op":"ping"', before=2))
+        async with ws_connect(proxy.url.replace("http", "ws") + "/v1/ws") as ws:
+            await ws.send('{"op":"ping","req":"1"}')
+            assert '"pong"' in str(await ws.recv())
+            await ws.send('{"op":"ping","req":"2"}')  # cut before the server sees it
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+        assert ping.fired.is_set()
+        assert ("GET", "/v1/ws") in proxy.requests
+
+
+async def test_scripted_faults_and_a_plan_work_together(ours: str) -> None:
+    import httpx
+
+    rule = Rule(trigger=Always(), fault=Slicer(average_size=7, size_variation=3))
+    async with (
+        ChaosProxy(ours, plan(rule)) as proxy,
+        httpx.AsyncClient(base_url=proxy.url, timeout=5) as client,
+    ):
+        stream = "/v1/stream/sliced"
+        await client.put(stream, headers={"Content-Type": "text/plain"}, content=b"x" * 300)
+        cut = proxy.add(HttpFault(method="GET", after_bytes=100))
+        with pytest.raises(httpx.TransportError):
+            await client.get(stream, params={"offset": "-1"})
+        assert cut.fired.is_set()
+        assert (await client.get(stream, params={"offset": "-1"})).content == b"x" * 300

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from ._proxy import Proxy
+from mock_server.chaos import ChaosProxy as Proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_SERVER = ROOT / "conformance" / "reference-server.mjs"

@@ -28,10 +28,8 @@ from durable_client import (
     AnyEvent,
     Author,
     BadRequest,
-    DurableStream,
     EpochReused,
     FileOffsetStore,
-    IdempotentProducer,
     Position,
     ReconnectPolicy,
     RetryPolicy,
@@ -40,10 +38,11 @@ from durable_client import (
     Subscription,
     UserMessage,
 )
+from durable_client.streams import DurableStream, IdempotentProducer
+from mock_server.chaos import ChaosProxy as Proxy
 from mock_server.chaos import HistoryRecorder
+from mock_server.chaos import HttpFault as Fault
 from mock_server.testing import serve
-
-from ._proxy import Fault, Proxy
 
 pytestmark = pytest.mark.both_transports
 

@@ -20,7 +20,6 @@ from durable_client import (
     AnyEvent,
     Author,
     ConnectionState,
-    DurableStream,
     EndReason,
     IncomingTurn,
     ReconnectPolicy,
@@ -33,8 +32,11 @@ from durable_client import (
     TurnEnd,
     UserMessage,
 )
-
-from ._proxy import Fault, Proxy, WsFault
+from durable_client.streams import DurableStream
+from durable_client.transports import HttpTransport
+from mock_server.chaos import ChaosProxy as Proxy
+from mock_server.chaos import HttpFault as Fault
+from mock_server.chaos import WsFault
 
 pytestmark = pytest.mark.both_transports
 
@@ -142,7 +144,9 @@ async def test_cut_after_n_bytes_of_an_answer(
     """Cuts mid-answer: a long-poll response over HTTP, mid-frame over WebSocket."""
     for n in [0, 1, 5, 17, 40, 90, 150, 300, 600, 1200]:
         session_id = unique(f"bytes{n}")
-        live: dict[str, object] = {"live": "long-poll"} if transport == "http" else {}
+        live: dict[str, object] = (
+            {"transport": HttpTransport(live="long-poll")} if transport == "http" else {}
+        )
         async with (
             session_at(server_url, session_id) as writer,
             session_at(proxy.url, session_id, Author.user("reader"), **live) as reader,

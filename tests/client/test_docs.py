@@ -74,6 +74,8 @@ async def test_quickstart_programs_run(server_url: str, server_kind: str, tmp_pa
             assert "second run handled message 1" in section
         if "echo this" in original:
             assert "cancelled" in section
+        if "MemoryTransport()" in original:
+            assert "agent tested: complete HELLO" in section, section
         if "quickstart-log" in original:
             assert "line 4" in section
         if "status_changes" in original:

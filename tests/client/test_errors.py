@@ -31,7 +31,8 @@ from durable_client import (
     UnexpectedStatus,
     _errors,
 )
-from durable_client._errors import error_from_httpx, error_from_response, parse_retry_after
+from durable_client._errors import parse_retry_after
+from durable_client._http_errors import error_from_httpx, error_from_response
 
 URL = "http://127.0.0.1:1/v1/stream/x"
 
@@ -161,3 +162,18 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after("nonsense") is None
     assert parse_retry_after(None) is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+
+
+def test_the_tree_knows_no_http_library() -> None:
+    """The tree maps statuses and headers; httpx is mapped on the HTTP side only."""
+    import ast
+    from pathlib import Path
+
+    source = Path(_errors.__file__).read_text(encoding="utf-8")
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+    assert not {name for name in imported if name.split(".")[0] in ("httpx", "websockets")}

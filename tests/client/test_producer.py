@@ -1,8 +1,10 @@
-"""The idempotent producer against an in-memory model of the server's rules.
+"""The idempotent producer's asyncio driver against an in-memory model of the server's rules.
 
 No sockets: ``ModelServer`` applies the protocol's producer rules (PROTOCOL.md
 section 5.2.1) to an in-memory log, and lets a test reorder requests, lose
-answers after the write, or fence the producer, at exact points.
+answers after the write, or fence the producer, at exact points. The rules
+themselves, fed by hand and explored in every order, are in
+``tests/client/core/test_producer_core.py``.
 """
 
 from __future__ import annotations
@@ -13,19 +15,16 @@ from collections.abc import Sequence
 import pytest
 
 from durable_client import (
-    AppendResult,
     BadRequest,
     ClientClosed,
     ConnectionLost,
-    IdempotentProducer,
-    ProducerStamp,
     RetryPolicy,
     SequenceGap,
     ServerError,
     StaleEpoch,
     StreamClosed,
 )
-from durable_client._producer import ProducerState
+from durable_client.streams import AppendResult, IdempotentProducer, ProducerStamp
 
 FAST = RetryPolicy(initial_delay=0.001, max_delay=0.002, max_attempts=5)
 
@@ -102,26 +101,6 @@ class ModelServer:
 
 def items(n: int) -> list[bytes]:
     return [f"m{i:02d}".encode() for i in range(n)]
-
-
-def test_state_bookkeeping() -> None:
-    state = ProducerState("p", epoch=2)
-    assert [state.next_stamp().seq for _ in range(3)] == [0, 1, 2]
-    assert not state.epoch_confirmed()
-    state.acknowledge(ProducerStamp("p", 2, 0))
-    assert state.epoch_confirmed()
-    assert state.claim(7) == 8
-    assert state.next_stamp() == ProducerStamp("p", 8, 0)
-    assert state.restart() == 9
-    with pytest.raises(ValueError, match="producer_id"):
-        ProducerState("")
-    with pytest.raises(ValueError, match="epoch"):
-        ProducerState("p", epoch=-1)
-    assert ProducerStamp("p", 1, 2).headers() == {
-        "Producer-Id": "p",
-        "Producer-Epoch": "1",
-        "Producer-Seq": "2",
-    }
 
 
 async def test_appends_in_one_loop_iteration_share_a_request() -> None:

@@ -19,7 +19,6 @@ import pytest
 from durable_client import (
     AnyEvent,
     Author,
-    DurableStream,
     FileOffsetStore,
     ReconnectPolicy,
     RetryPolicy,
@@ -28,6 +27,7 @@ from durable_client import (
     UserMessage,
     new_id,
 )
+from durable_client.streams import DurableStream
 from mock_server.chaos import HistoryRecorder
 
 pytestmark = pytest.mark.both_transports

@@ -24,8 +24,8 @@ from durable_client import (
     Subscription,
     UserMessage,
 )
-
-from ._proxy import Proxy
+from durable_client.transports import HttpTransport
+from mock_server.chaos import ChaosProxy as Proxy
 
 pytestmark = pytest.mark.both_transports
 
@@ -230,7 +230,7 @@ async def test_publish_is_queued_while_the_server_is_unreachable(
 async def test_a_closed_session_stream_ends_subscriptions(
     ann: Session, server_url: str, session_id: str
 ) -> None:
-    from durable_client import DurableStream
+    from durable_client.streams import DurableStream
 
     await ann.send_message("last words")
     async with DurableStream(f"{server_url}/v1/stream/sessions/{session_id}") as raw:
@@ -270,7 +270,9 @@ async def test_custom_path_template(server_url: str, session_id: str) -> None:
 
 
 async def test_long_poll_sessions(server_url: str, session_id: str) -> None:
-    async with session_at(server_url, session_id, live="long-poll") as session:
+    async with session_at(
+        server_url, session_id, transport=HttpTransport(live="long-poll")
+    ) as session:
         await session.create()
         async with session.subscribe() as sub:
             await session.send_message("one")

@@ -17,22 +17,19 @@ import httpx
 import pytest
 
 from durable_client import (
-    AppendResult,
     Author,
     ConnectionLost,
     ConnectionState,
-    DurableStream,
     MemoryOffsetStore,
     OffsetGone,
     Position,
-    ProducerStamp,
     ReconnectPolicy,
     ServerError,
     Session,
-    SessionTransport,
-    TransportBatch,
     UserMessage,
 )
+from durable_client.streams import AppendResult, DurableStream, ProducerStamp
+from durable_client.transports import SessionTransport, TransportBatch
 
 ANN = Author.user("ann")
 
@@ -110,7 +107,7 @@ async def take(sub: Any, n: int) -> list[Any]:
 
 
 def test_the_http_transport_implements_the_seam() -> None:
-    from durable_client import HttpTransport
+    from durable_client.transports import HttpTransport
 
     stream = DurableStream("http://127.0.0.1:1/v1/stream/x")
     assert isinstance(HttpTransport(stream), SessionTransport)

@@ -12,10 +12,6 @@ import httpx
 import pytest
 
 from durable_client import (
-    DurableStream,
-    IdempotentProducer,
-    LiveMode,
-    ReadBatch,
     ReconnectPolicy,
     RetryPolicy,
     SequenceConflict,
@@ -24,6 +20,7 @@ from durable_client import (
     StreamConflict,
     StreamNotFound,
 )
+from durable_client.streams import DurableStream, IdempotentProducer, LiveMode, ReadBatch
 
 FAST = RetryPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=4)
 

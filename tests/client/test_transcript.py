@@ -57,6 +57,45 @@ def test_applying_an_event_twice_changes_nothing() -> None:
     assert twice.applied == once.applied
 
 
+def test_dedupe_is_bounded_and_shared_with_subscriptions() -> None:
+    from durable_client._offsets import EventIdDeduper
+
+    transcript = Transcript(dedupe_capacity=2)
+    assert isinstance(transcript._dedupe, EventIdDeduper)
+    a, b, c = (TextDelta(author=BOT, turn_id="t1", text=x) for x in "abc")
+    assert [transcript.apply(e) for e in (a, b, a)] == [True, True, False]
+    assert transcript.apply(c)  # a is now the oldest id of three: forgotten
+    assert len(transcript._dedupe) == 2
+
+
+def test_one_cancel_routing_rule_for_replies_and_unanswered_turns() -> None:
+    transcript = Transcript.fold(
+        [
+            UserMessage(author=ANN, text="a", turn_id="t1"),
+            TurnStart(author=BOT, turn_id="t1"),
+            UserMessage(author=BEN, text="b", turn_id="t2"),
+        ]
+    )
+    by_ann = Cancel(author=ANN, scope=CancelScope.AUTHOR, target_author_id="ann")
+    by_bot = Cancel(author=ANN, scope=CancelScope.AUTHOR, target_author_id="bot")
+    turn2 = Cancel(author=BEN, turn_id="t2")
+    everything = Cancel(author=BEN, scope=CancelScope.ALL)
+    table = {
+        # (cancel, turn, reply author or None for the unanswered turn): applies
+        (by_ann, "t1", "bot"): True,  # answers ann's message
+        (by_ann, "t2", None): False,
+        (by_bot, "t1", "bot"): True,
+        (by_bot, "t1", "helper"): False,
+        (turn2, "t2", None): True,
+        (turn2, "t1", "bot"): False,
+        (everything, "t1", "bot"): True,
+        (everything, "t2", None): True,
+        (by_ann, "unknown", "bot"): False,  # a turn it has not seen has no opener
+    }
+    for (cancel, turn_id, author_id), applies in table.items():
+        assert transcript.cancel_applies(cancel, turn_id, author_id) is applies
+
+
 def test_cancel_keeps_partial_text_and_ends_once() -> None:
     events = [
         *conversation()[:3],

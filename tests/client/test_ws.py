@@ -14,23 +14,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from websockets.frames import Close
 
 from durable_client import (
     Agent,
     Author,
     ClientClosed,
-    ConnectionLost,
     ConnectionState,
-    DurableStream,
-    Forbidden,
     IncomingTurn,
     Member,
     PayloadTooLarge,
     PresenceChange,
     PresenceUnavailable,
-    ProducerStamp,
-    ProtocolViolation,
     ReconnectPolicy,
     RetryPolicy,
     SequenceGap,
@@ -42,14 +36,17 @@ from durable_client import (
     UnexpectedStatus,
     UsageError,
     UserMessage,
+)
+from durable_client.streams import DurableStream, ProducerStamp
+from durable_client.transports import (
+    AutoTransport,
+    HttpTransport,
     WebSocketOptions,
     WebSocketTransport,
 )
-from durable_client._ws import _close_error, _diff
+from mock_server.chaos import ChaosProxy as Proxy
 from mock_server.testing import serve
 from tests._await import until
-
-from ._proxy import Proxy
 
 FAST_RECONNECT = ReconnectPolicy(initial_delay=0.01, max_delay=0.05)
 FAST_RETRY = RetryPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=3)
@@ -115,7 +112,7 @@ async def test_a_transport_can_be_forced(ours_url: str, unique: Callable[[str], 
     session_id = unique("forced")
     choices: list[tuple[dict[str, Any], str]] = [
         ({"transport": "http"}, "sse"),
-        ({"live": "long-poll"}, "long-poll"),  # a live mode asks for HTTP
+        ({"transport": HttpTransport(live="long-poll")}, "long-poll"),  # HTTP settings
         ({"transport": "websocket"}, "websocket"),
     ]
     for kwargs, expected in choices:
@@ -162,7 +159,14 @@ def test_transport_choices_are_checked() -> None:
     with pytest.raises(UsageError):
         Session("http://127.0.0.1:1", "s", author=ANN, transport="pigeon")  # type: ignore[arg-type]
     with pytest.raises(UsageError):
-        Session("http://127.0.0.1:1", "s", author=ANN, transport="websocket", live="sse")
+        # The WebSocket protocol addresses streams under /v1/stream/ only.
+        Session(
+            "http://127.0.0.1:1",
+            "s",
+            author=ANN,
+            transport="websocket",
+            path_template="/{session_id}",
+        )
     with pytest.raises(UsageError):
         WebSocketOptions(ping_interval=0)
 
@@ -240,7 +244,7 @@ async def test_an_append_too_large_for_one_frame_goes_over_http(
     options = WebSocketOptions(max_append_frame=1000)
     async with (
         Proxy(ours_url) as proxy,
-        session_at(proxy.url, unique("http"), websocket=options, transport="websocket") as s,
+        session_at(proxy.url, unique("http"), transport=WebSocketTransport(options=options)) as s,
     ):
         await s.create()
         small = await s.send_message("small")
@@ -250,27 +254,6 @@ async def test_an_append_too_large_for_one_frame_goes_over_http(
         assert small.offset < large.offset
         posts = [target for method, target in proxy.requests if method == "POST"]
         assert len(posts) == 1  # the large one; the small one went on the socket
-
-
-@pytest.mark.parametrize(
-    ("code", "expected"),
-    [
-        (1000, ConnectionLost),
-        (1001, ConnectionLost),
-        (1011, ConnectionLost),
-        (4008, ConnectionLost),
-        (1008, Forbidden),
-        (4002, ProtocolViolation),
-        (4029, UsageError),
-    ],
-)
-def test_close_codes_are_retryable_or_fatal(code: int, expected: type[Exception]) -> None:
-    error = _close_error(Close(code, "why"), None, url="ws://x")
-    assert type(error) is expected
-    assert error.retryable is (expected is ConnectionLost)
-    lost = _close_error(None, Close(1011, "keepalive ping timeout"), url="ws://x")
-    assert isinstance(lost, ConnectionLost)
-    assert "keepalive" in str(lost)
 
 
 # --- presence ------------------------------------------------------------------------
@@ -454,22 +437,6 @@ async def test_an_agent_shows_what_it_is_doing(ours_url: str, unique: Callable[[
     assert statuses[1:] == ["thinking", "streaming", "idle"]
 
 
-def test_a_snapshot_after_a_reconnect_reports_what_changed() -> None:
-    ann = Member(client_id="ann", kind="user")
-    bob = Member(client_id="bob", kind="user")
-    bob_away = Member(client_id="bob", kind="user", status="away")
-    bot = Member(client_id="bot", kind="agent")
-    changes = _diff((ann, bob), (bob_away, bot))
-    assert [(c.event, c.member.client_id) for c in changes] == [
-        ("leave", "ann"),
-        ("update", "bob"),
-        ("join", "bot"),
-    ]
-    assert changes[0].members == (bob,)
-    assert changes[-1].members == (bob_away, bot)
-    assert _diff((ann,), (ann,)) == []
-
-
 # --- keepalive and dropped connections ----------------------------------------------
 
 
@@ -482,7 +449,9 @@ async def test_a_half_open_connection_is_detected_and_resumed(
     async with (
         Proxy(ours_url) as proxy,
         session_at(ours_url, session_id) as writer,
-        session_at(proxy.url, session_id, Author.user("reader"), websocket=keepalive) as reader,
+        session_at(
+            proxy.url, session_id, Author.user("reader"), transport=AutoTransport(options=keepalive)
+        ) as reader,
     ):
         await writer.create()
         async with reader.subscribe() as events:
@@ -563,7 +532,7 @@ async def test_a_subscriber_that_falls_behind_resumes_without_loss(
     options = WebSocketOptions(max_queued_frames=2)
     session_id = unique("behind")
     async with (
-        session_at(ours_url, session_id, websocket=options) as reader,
+        session_at(ours_url, session_id, transport=AutoTransport(options=options)) as reader,
         session_at(ours_url, session_id, BOB) as writer,
     ):
         await reader.create()

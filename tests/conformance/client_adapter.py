@@ -46,8 +46,6 @@ import httpx  # noqa: E402
 from durable_client import (  # noqa: E402
     BadRequest,
     DurableError,
-    DurableStream,
-    IdempotentProducer,
     ProtocolViolation,
     RequestTimeout,
     RetryPolicy,
@@ -61,6 +59,7 @@ from durable_client import (  # noqa: E402
     UsageError,
     __version__,
 )
+from durable_client.streams import DurableStream, IdempotentProducer  # noqa: E402
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 

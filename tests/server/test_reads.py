@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 
 import httpx
 import pytest
@@ -325,20 +326,93 @@ def test_trimming_every_record_keeps_the_tail_where_it_was() -> None:
 
 async def test_an_append_right_after_a_live_read_finds_nothing_still_wakes_it() -> None:
     """The append lands in the first moment the reader yields, between its read and its wait."""
-    from mock_server import DurableStreamsApp, StreamStore
+    from mock_server import StreamStore
     from mock_server._store import AppendRequest, CreateRequest
 
     store = StreamStore()
-    app = DurableStreamsApp(store)
     path = "/v1/stream/race"
     state, _ = store.create(path, CreateRequest(content_type="text/plain"))
+    tail = store.tail(state, state.tail, idle=5.0)
+    assert not (await anext(tail)).records
 
-    async def live_read() -> bool:
-        assert not store.read(state, state.tail).records
-        return await app._wait_change(path, timeout=5.0)
-
-    reader = asyncio.ensure_future(live_read())
+    reader = asyncio.ensure_future(anext(tail))
     await asyncio.sleep(0)  # the reader runs up to its first yield, inside the wait
     store.append(path, AppendRequest(body=b"x", content_type="text/plain"))
     async with asyncio.timeout(1.0):  # not the 5 s timeout: the append woke it
-        assert await reader is True
+        assert [r.data for r in (await reader).records] == [b"x"]
+    await tail.aclose()
+
+
+async def test_an_append_while_the_caller_holds_a_result_still_wakes_the_tail() -> None:
+    """The tail watches before it yields: a change made while the caller sends is not missed."""
+    from mock_server import StreamStore
+    from mock_server._store import AppendRequest, CreateRequest
+
+    store = StreamStore()
+    path = "/v1/stream/held"
+    state, _ = store.create(path, CreateRequest(content_type="text/plain"))
+    tail = store.tail(state, state.tail, idle=5.0)
+    assert not (await anext(tail)).records
+    store.append(path, AppendRequest(body=b"y", content_type="text/plain"))  # before it waits
+    async with asyncio.timeout(1.0):
+        assert [r.data for r in (await anext(tail)).records] == [b"y"]
+    assert store.waiting(path) == 0
+    await tail.aclose()
+
+
+async def test_the_tail_ends_on_close_stop_deadline_and_deletion() -> None:
+    from mock_server import ProtocolError, StreamStore
+    from mock_server._store import AppendRequest, CreateRequest
+
+    store = StreamStore()
+    text = "text/plain"
+    state, _ = store.create("/v1/stream/a", CreateRequest(content_type=text, body=b"1"))
+    closing = store.tail(state, 0, idle=5.0)
+    assert [r.data for r in (await anext(closing)).records] == [b"1"]
+    waiting = asyncio.ensure_future(anext(closing))
+    await until(lambda: store.waiting("/v1/stream/a") == 1)
+    store.append("/v1/stream/a", AppendRequest(body=b"", close=True))
+    last = await waiting
+    assert (last.records, last.closed) == ([], True)
+    with pytest.raises(StopAsyncIteration):
+        await anext(closing)
+
+    stop = asyncio.Event()
+    state, _ = store.create("/v1/stream/b", CreateRequest(content_type=text))
+    stopped = store.tail(state, 0, idle=5.0, stop=[stop])
+    await anext(stopped)
+    ended = asyncio.ensure_future(anext(stopped))
+    await until(lambda: store.waiting("/v1/stream/b") == 1)
+    stop.set()
+    with pytest.raises(StopAsyncIteration):
+        await ended
+    assert store.waiting("/v1/stream/b") == 0
+
+    # Past the deadline: one last heartbeat (nothing new, up to date), then the end.
+    timed = store.tail(state, 0, until=time.monotonic(), idle=5.0)
+    assert [(r.records, r.up_to_date) for r in [r async for r in timed]] == [([], True)]
+    heartbeats = store.tail(state, 0, idle=0.01)
+    assert [(await anext(heartbeats)).records for _ in range(3)] == [[], [], []]
+    await heartbeats.aclose()
+
+    deleted = store.tail(state, 0, idle=5.0)
+    await anext(deleted)
+    gone = asyncio.ensure_future(anext(deleted))
+    await until(lambda: store.waiting("/v1/stream/b") == 1)
+    store.delete("/v1/stream/b")
+    with pytest.raises(ProtocolError) as refused:
+        await gone
+    assert refused.value.status == 404
+
+    # A source its forks still read from is soft-deleted: 410, naming the incarnation.
+    source, _ = store.create("/v1/stream/c", CreateRequest(content_type=text))
+    store.create("/v1/stream/c-fork", CreateRequest(forked_from="/v1/stream/c"))
+    soft = store.tail(source, 0, idle=5.0)
+    await anext(soft)
+    gone = asyncio.ensure_future(anext(soft))
+    await until(lambda: store.waiting("/v1/stream/c") == 1)
+    store.delete("/v1/stream/c")
+    with pytest.raises(ProtocolError) as refused:
+        await gone
+    assert refused.value.status == 410
+    assert refused.value.headers == {"Stream-Incarnation": source.incarnation_text}

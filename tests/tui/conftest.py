@@ -11,7 +11,8 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from durable_client import Agent, Author, DurableStream, IncomingTurn, MemoryOffsetStore
+from durable_client import Agent, Author, IncomingTurn, MemoryOffsetStore
+from durable_client.streams import DurableStream
 from mock_server.testing import RunningServer, serve
 from tui_demo.agents import demo
 from tui_demo.agents.host import ASSISTANT, run_agent
