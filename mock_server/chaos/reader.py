@@ -23,6 +23,7 @@ Both use ``httpx``. Retries back off exponentially without jitter
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import ssl
@@ -65,21 +66,14 @@ class WriterGaveUp(Exception):
 class RetryPolicy:
     """Exponential backoff from ``initial`` to ``maximum`` seconds, reset after a
     success; ``Retry-After`` is honoured up to ``retry_after_cap``; after
-    ``max_attempts`` failures in a row the client gives up."""
+    ``max_attempts`` failures in a row the client gives up. The SDK's reconnect
+    engine runs it (``_reconnect_policy``), with no jitter so a seeded run replays."""
 
     initial: float = 0.005
     maximum: float = 0.25
     multiplier: float = 2.0
     retry_after_cap: float = 1.0
     max_attempts: int = 200
-
-    def delay(self, attempt: int, retry_after: str | None = None) -> float:
-        if retry_after is not None:
-            try:
-                return min(self.retry_after_cap, max(0.0, float(retry_after)))
-            except ValueError:
-                pass
-        return min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
 
 
 def event_id(message: Any) -> str:
@@ -475,26 +469,41 @@ class ProtocolWriter:
         }
 
     async def _send(self, method: str, headers: dict[str, str], body: bytes) -> httpx.Response:
-        """The request, retried on transport failures and retryable statuses."""
-        attempt = 0
-        while True:
-            attempt += 1
-            self.attempts += 1
-            retry_after: str | None = None
-            try:
-                response = await self.client.request(
-                    method, self.url, headers=headers, content=body, timeout=self.request_timeout
-                )
-                if response.status_code not in _RETRYABLE_STATUS:
+        """The request, retried on transport failures and retryable statuses by the
+        same engine as the readers' reconnects (``max_attempts`` attempts in all)."""
+        policy = dataclasses.replace(
+            _reconnect_policy(self.retry), max_attempts=self.retry.max_attempts
+        )
+        retrying = policy.retrying(retry_if=_retryable, on_retry=self._count_retry)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    self.attempts += 1
+                    try:
+                        response = await self.client.request(
+                            method,
+                            self.url,
+                            headers=headers,
+                            content=body,
+                            timeout=self.request_timeout,
+                        )
+                    except httpx.TransportError as exc:
+                        self.failures[type(exc).__name__] += 1
+                        raise
+                    if response.status_code in _RETRYABLE_STATUS:
+                        self.failures[f"http {response.status_code}"] += 1
+                        raise _Retry(
+                            f"http {response.status_code}", response.headers.get("Retry-After")
+                        )
                     return response
-                retry_after = response.headers.get("Retry-After")
-                self.failures[f"http {response.status_code}"] += 1
-            except httpx.TransportError as exc:
-                self.failures[type(exc).__name__] += 1
-            if attempt >= self.retry.max_attempts:
-                raise WriterGaveUp(f"{method} {self.url}: {attempt} attempts failed")
-            self.retries += 1
-            await asyncio.sleep(self.retry.delay(attempt, retry_after))
+        except _RETRYABLE as exc:
+            raise WriterGaveUp(
+                f"{method} {self.url}: {self.retry.max_attempts} attempts failed"
+            ) from exc
+        raise AssertionError("a retry loop ends with a result or an error")  # pragma: no cover
+
+    def _count_retry(self, attempt: int, delay: float, error: BaseException) -> None:
+        self.retries += 1
 
     async def create(self) -> None:
         """Create the stream (JSON); fine if it exists with the same configuration."""
