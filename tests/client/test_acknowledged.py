@@ -43,6 +43,7 @@ from mock_server.chaos import ChaosProxy as Proxy
 from mock_server.chaos import HistoryRecorder
 from mock_server.chaos import HttpFault as Fault
 from mock_server.testing import serve
+from tests._await import until
 
 pytestmark = pytest.mark.both_transports
 
@@ -344,8 +345,7 @@ async def test_closing_from_another_task_ends_a_waiting_iteration(
         consumer = asyncio.create_task(consume())
         async with asyncio.timeout(10):
             await subscription.caught_up.wait()
-        while not seen:  # noqa: ASYNC110 - the consumer is another task
-            await asyncio.sleep(0.005)
+        await until(lambda: bool(seen))  # the consumer, another task, took "one"
         if close == "subscription":
             await subscription.aclose()
         else:
@@ -376,6 +376,10 @@ async def test_server_stops_and_dropped_connections_leave_no_unretrieved_future(
                 subscription = session.subscribe("beginning")
                 await subscription.start()
                 pending = [session.publish_nowait(_msg(round_, i)) for i in range(30)]
+                # A moment for the first requests to leave, so the server stops with
+                # them on the wire. (Awaiting an ack instead lets them all land, and
+                # the test no longer fails without the fix; a late stop can only make
+                # it pass, never fail wrongly.)
                 await asyncio.sleep(0.002)
                 session.drop_connections()
             async with serve(port=port, websocket=websocket):
