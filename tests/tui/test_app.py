@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.client._proxy import Proxy
+from mock_server.chaos import ChaosProxy as Proxy
 from tui_demo.app import ChatApp
 from tui_demo.widgets import ChatLog, ReplyView, StatusBar
 
