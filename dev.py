@@ -2,17 +2,20 @@
 """One entry point for every developer task; needs only Python 3.11+ to start.
 
     python3 dev.py chat [ARGS]   set up, then chat (bundled server and demo agent start if needed)
+    python3 dev.py stop          stop the server and agent host the chat left running
     python3 dev.py serve [ARGS]  set up, then run the session server (python -m mock_server ARGS)
     python3 dev.py test [ARGS]   set up, then run the whole test suite (pytest ARGS)
     python3 dev.py lint          ruff check, ruff format --check, mypy
     python3 dev.py conformance   the official server conformance suite, memory and SQLite
     python3 dev.py bench [ARGS]  the benchmarks
-    python3 dev.py package       build the wheel; install it alone, then with [server]
+    python3 dev.py package       build the wheel; check it alone (pytest untouched, the
+                                 commands name their extra), then with [server]
+    python3 dev.py setup         set up only
 
 "Set up" makes ``.venv`` and installs the project with its development
 extras (once, and again when pyproject.toml changes), and installs the pinned
-Node packages in ``conformance/`` when Node.js is present.
-"""
+Node packages in ``conformance/`` when Node.js is present. ``stop`` sets up
+nothing: without ``.venv``, ``dev.py chat`` never ran, so nothing is running."""
 
 from __future__ import annotations
 
@@ -70,34 +73,91 @@ def setup_node() -> None:
         must(npm, "ci", "--no-audit", "--no-fund", "--loglevel=error", cwd=CONFORMANCE)
 
 
+# A trivial suite for the SDK-only venv: pytest runs, and loads the chaos plugin
+# (the pytest11 entry point) without the server's dependencies.
+SDK_ONLY_SUITE = """
+def test_arithmetic():
+    assert 1 + 1 == 2
+
+def test_the_chaos_plugin_loads(pytestconfig, history_checker):
+    assert pytestconfig.pluginmanager.has_plugin("mock_server.chaos.pytest_plugin")
+"""
+
+
+def expect(args: list[str | Path], code: int, says: str, cwd: Path) -> None:
+    """Run ``args``; exit unless it ends with ``code`` and prints ``says`` (and no traceback)."""
+    done = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    if done.returncode != code or says not in output or "Traceback" in output:
+        print(output, file=sys.stderr)
+        command = " ".join(str(a) for a in args)
+        sys.exit(f"dev: `{command}` exited {done.returncode} (expected {code}, printing {says!r})")
+
+
 def package() -> int:
-    """The wheel installs cleanly: the SDK alone brings no server, and [server] runs."""
+    """The wheel installs cleanly: the SDK alone brings no server and leaves pytest
+    working, its commands name the extra they need, and [server] runs."""
     import tempfile
 
-    with tempfile.TemporaryDirectory() as scratch:
-        dist = Path(scratch) / "dist"
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        dist = scratch / "dist"
         must(PYTHON, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", dist, ".")
         (wheel,) = dist.glob("*.whl")
         print(f"dev: built {wheel.name}")
-        checks = {
-            "sdk": (
-                "",
-                "import durable_client, importlib.util as u; "
-                "assert u.find_spec('uvicorn') is None, 'the SDK must not bring the server'",
-            ),
-            "server": (
-                "[server]",
-                "import mock_server.__main__ as m; m.parse_args(['--port', '0'])",
-            ),
-        }
-        for name, (extra, code) in checks.items():
-            env = Path(scratch) / name
-            venv.EnvBuilder(with_pip=True).create(env)
-            python = env / BIN.name / PYTHON.name
-            must(python, "-m", "pip", "install", "--quiet", f"{wheel}{extra}")
-            must(python, "-c", code, cwd=Path(scratch))
-            print(f"dev: wheel{extra or ' (SDK only)'} installs and imports")
+        sdk = install(scratch / "sdk", str(wheel))
+        must(
+            sdk / PYTHON.name,
+            "-c",
+            "import durable_client, importlib.util as u; "
+            "assert u.find_spec('uvicorn') is None, 'the SDK must not bring the server'",
+            cwd=scratch,
+        )
+        print("dev: wheel (SDK only) installs and imports")
+        must(sdk / PYTHON.name, "-m", "pip", "install", "--quiet", "pytest")
+        suite = scratch / "suite"
+        suite.mkdir()
+        (suite / "test_trivial.py").write_text(SDK_ONLY_SUITE)
+        expect(
+            [sdk / PYTHON.name, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+            0,
+            "2 passed",
+            suite,
+        )
+        print("dev: pytest in the SDK-only venv loads the chaos plugin and passes")
+        expect([sdk / "durable-server"], 2, "durable-server needs the server extra", scratch)
+        expect([sdk / "durable-chat"], 2, "durable-chat needs the tui extra", scratch)
+        print("dev: durable-server and durable-chat (SDK only) name the extra to install")
+        server = install(scratch / "server", f"{wheel}[server]")
+        must(
+            server / PYTHON.name,
+            "-c",
+            "import mock_server.__main__ as m; m.parse_args(['--port', '0'])",
+            cwd=scratch,
+        )
+        expect([server / "durable-server", "--help"], 0, "--data-dir", scratch)
+        expect([server / "durable-chat"], 2, "durable-chat needs the tui extra", scratch)
+        print("dev: wheel[server] installs, imports and runs durable-server")
     return 0
+
+
+def install(path: Path, requirement: str) -> Path:
+    """A fresh venv at ``path`` with ``requirement`` installed; its scripts folder."""
+    venv.EnvBuilder(with_pip=True).create(path)
+    scripts = path / BIN.name
+    must(scripts / PYTHON.name, "-m", "pip", "install", "--quiet", requirement)
+    return scripts
+
+
+def stop() -> int:
+    """Stop what ``dev.py chat`` left running, through the chat's own ``--stop``."""
+    if not PYTHON.exists():
+        print("dev: nothing is running (no .venv: the chat never ran from this checkout)")
+        return 0
+    return run(PYTHON, "-m", "tui_demo", "--stop")
+
+
+TASKS = ("chat", "stop", "serve", "test", "lint", "conformance", "bench", "package", "setup")
 
 
 def main(argv: list[str]) -> int:
@@ -105,6 +165,15 @@ def main(argv: list[str]) -> int:
     if task in ("help", "-h", "--help"):
         print(__doc__)
         return 0
+    if task not in TASKS:
+        print(
+            f"dev: unknown task {task!r}; the tasks are {', '.join(TASKS)}"
+            " (python3 dev.py help says what each does)",
+            file=sys.stderr,
+        )
+        return 2
+    if task == "stop":
+        return stop()
     setup()
     if task == "test":
         return run(PYTHON, "-m", "pytest", *rest)
@@ -133,8 +202,7 @@ def main(argv: list[str]) -> int:
         return package()
     if task == "bench":
         return run(PYTHON, "-m", "bench", *rest)
-    print(f"unknown task {task!r}\n{__doc__}", file=sys.stderr)
-    return 2
+    return 0  # setup
 
 
 if __name__ == "__main__":

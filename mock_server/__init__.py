@@ -2,12 +2,22 @@
 
 Run it with ``python -m mock_server`` (or the ``durable-server`` command).
 Embed it with :func:`mock_server.testing.serve` or :func:`build_app`.
+
+The names below are imported on first use (PEP 562), so importing the package,
+or a light module of it such as the chaos pytest plugin, needs none of the
+server's dependencies: an SDK-only install keeps working.
 """
 
-from ._http import DurableStreamsApp, ServerConfig
-from ._server import Settings, build_app, run
-from ._storage import MemoryStorage, SqliteStorage, Storage
-from ._store import ProtocolError, StreamStore
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._http import DurableStreamsApp, ServerConfig
+    from ._server import Settings, build_app, run
+    from ._storage import MemoryStorage, SqliteStorage, Storage
+    from ._store import ProtocolError, StreamStore
 
 __all__ = [
     "DurableStreamsApp",
@@ -21,3 +31,30 @@ __all__ = [
     "build_app",
     "run",
 ]
+
+# Where each public name lives.
+_MODULES = {
+    "DurableStreamsApp": "._http",
+    "ServerConfig": "._http",
+    "Settings": "._server",
+    "build_app": "._server",
+    "run": "._server",
+    "MemoryStorage": "._storage",
+    "SqliteStorage": "._storage",
+    "Storage": "._storage",
+    "ProtocolError": "._store",
+    "StreamStore": "._store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

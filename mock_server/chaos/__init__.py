@@ -14,55 +14,65 @@
 - :class:`CrashHarness`: the server as a process, ``kill -9`` and restart.
 
 See docs/chaos.md.
+
+Every name is imported on first use (PEP 562): the pytest plugin, and a test
+suite that never asks for a chaos fixture, need none of the server's
+dependencies.
 """
 
-from ._serve import ChaosServer, chaos_middleware, serve_chaos
-from .checker import (
-    HistoryRecorder,
-    HistoryReport,
-    Published,
-    Seen,
-    SubscriberHistory,
-    SubscriberReport,
-    check_history,
-    content_hash,
-)
-from .crash import CrashHarness, ServerDidNotStart
-from .plan import (
-    AfterBytes,
-    AfterEvent,
-    Always,
-    AtOffset,
-    Bandwidth,
-    Crash,
-    Delay,
-    Down,
-    Drop,
-    Duplicate,
-    FaultPlan,
-    Fin,
-    HalfOpen,
-    HttpError,
-    Latency,
-    LostAck,
-    Match,
-    OnConnection,
-    OnRequest,
-    OnResume,
-    Probability,
-    Reset,
-    Rule,
-    Slicer,
-    Stall,
-    Trim,
-    WsClose,
-    derive_seed,
-    rng_for,
-)
-from .proxy import ChaosProxy, ConnectionStats, HttpFault, ProxyFaultRecord, WsFault
-from .reader import ProtocolReader, ProtocolWriter, ReaderGaveUp, RetryPolicy, WriterGaveUp
-from .scenario import ScenarioResult, run_scenario
-from .server_faults import ConnectionDropped, ServerFaultRecord, ServerFaults
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._serve import ChaosServer, chaos_middleware, serve_chaos
+    from .checker import (
+        HistoryRecorder,
+        HistoryReport,
+        Published,
+        Seen,
+        SubscriberHistory,
+        SubscriberReport,
+        check_history,
+        content_hash,
+    )
+    from .crash import CrashHarness, ServerDidNotStart
+    from .plan import (
+        AfterBytes,
+        AfterEvent,
+        Always,
+        AtOffset,
+        Bandwidth,
+        Crash,
+        Delay,
+        Down,
+        Drop,
+        Duplicate,
+        FaultPlan,
+        Fin,
+        HalfOpen,
+        HttpError,
+        Latency,
+        LostAck,
+        Match,
+        OnConnection,
+        OnRequest,
+        OnResume,
+        Probability,
+        Reset,
+        Rule,
+        Slicer,
+        Stall,
+        Trim,
+        WsClose,
+        derive_seed,
+        rng_for,
+    )
+    from .proxy import ChaosProxy, ConnectionStats, HttpFault, ProxyFaultRecord, WsFault
+    from .reader import ProtocolReader, ProtocolWriter, ReaderGaveUp, RetryPolicy, WriterGaveUp
+    from .scenario import ScenarioResult, run_scenario
+    from .server_faults import ConnectionDropped, ServerFaultRecord, ServerFaults
 
 __all__ = [
     "AfterBytes",
@@ -123,3 +133,77 @@ __all__ = [
     "run_scenario",
     "serve_chaos",
 ]
+
+# Where each public name lives.
+_MODULES = {
+    "ChaosServer": "._serve",
+    "chaos_middleware": "._serve",
+    "serve_chaos": "._serve",
+    "HistoryRecorder": ".checker",
+    "HistoryReport": ".checker",
+    "Published": ".checker",
+    "Seen": ".checker",
+    "SubscriberHistory": ".checker",
+    "SubscriberReport": ".checker",
+    "check_history": ".checker",
+    "content_hash": ".checker",
+    "CrashHarness": ".crash",
+    "ServerDidNotStart": ".crash",
+    "AfterBytes": ".plan",
+    "AfterEvent": ".plan",
+    "Always": ".plan",
+    "AtOffset": ".plan",
+    "Bandwidth": ".plan",
+    "Crash": ".plan",
+    "Delay": ".plan",
+    "Down": ".plan",
+    "Drop": ".plan",
+    "Duplicate": ".plan",
+    "FaultPlan": ".plan",
+    "Fin": ".plan",
+    "HalfOpen": ".plan",
+    "HttpError": ".plan",
+    "Latency": ".plan",
+    "LostAck": ".plan",
+    "Match": ".plan",
+    "OnConnection": ".plan",
+    "OnRequest": ".plan",
+    "OnResume": ".plan",
+    "Probability": ".plan",
+    "Reset": ".plan",
+    "Rule": ".plan",
+    "Slicer": ".plan",
+    "Stall": ".plan",
+    "Trim": ".plan",
+    "WsClose": ".plan",
+    "derive_seed": ".plan",
+    "rng_for": ".plan",
+    "ChaosProxy": ".proxy",
+    "ConnectionStats": ".proxy",
+    "HttpFault": ".proxy",
+    "ProxyFaultRecord": ".proxy",
+    "WsFault": ".proxy",
+    "ProtocolReader": ".reader",
+    "ProtocolWriter": ".reader",
+    "ReaderGaveUp": ".reader",
+    "RetryPolicy": ".reader",
+    "WriterGaveUp": ".reader",
+    "ScenarioResult": ".scenario",
+    "run_scenario": ".scenario",
+    "ConnectionDropped": ".server_faults",
+    "ServerFaultRecord": ".server_faults",
+    "ServerFaults": ".server_faults",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

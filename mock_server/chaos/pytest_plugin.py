@@ -18,7 +18,8 @@ seed and how to replay it, every plan, the faults applied, and the history
 check. The async fixtures need pytest-asyncio.
 
 Everything is imported lazily, so the plugin costs nothing (and needs none
-of the server's dependencies) in test runs that do not use it.
+of the server's dependencies) in test runs that do not use it; with the SDK
+alone, ``chaos_server`` fails its test with the extra to install.
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ async def chaos_server_factory(
 ) -> AsyncIterator[ServerFactory]:
     """``await chaos_server_factory(plan=None, data_dir=None, **settings)``: our
     server with fault injection, stopped after the test."""
+    from .._entry import missing_extra
+
+    if (problem := missing_extra("chaos_server", "server")) is not None:
+        pytest.fail(problem, pytrace=False)
     from ._serve import serve_chaos
 
     record = _record(request.node)
