@@ -6,6 +6,9 @@
   in-process, without ``--url``); the history report; exit 1 on failure.
 - ``soak [--plans N] [--events N]``: seeded random plans, the long run.
 - ``plan --random SEED``: print the plan a seed draws (to read or edit a replay).
+
+A ``--url`` without ``http://`` or ``https://``, or one where nothing answers,
+is a one-line error and exit status 2, before anything runs.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from pydantic import ValidationError
 from .audit import (
     AuditRow,
     audit,
+    check_url,
     format_header,
     format_row,
     format_table,
     has_admin,
     has_websocket,
+    reach,
     to_json,
 )
 from .plan import FaultPlan
@@ -118,6 +123,7 @@ async def _target(url: str | None) -> AsyncIterator[tuple[str, ServerFaults | No
         async with serve_chaos(long_poll_timeout=1.0) as server:
             yield server.url, server.faults, False
         return
+    await reach(url)
     yield url, None, await has_admin(url)
 
 
@@ -132,6 +138,7 @@ async def _audit(args: argparse.Namespace) -> int:
         for check in battery(args.events):
             _say(f"{check.name:26} [{check.layer}] {check.description}")
         return 0
+    await reach(args.url)
     admin = await has_admin(args.url)
     if args.transports is None:
         args.transports = ["sse", "long-poll"]
@@ -248,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(plan.to_json() if args.json else plan.to_yaml().rstrip())
         return 0
     try:
+        if args.url is not None:
+            check_url(args.url)
         if args.command == "audit":
             return asyncio.run(_audit(args))
         if args.command == "run":

@@ -6,14 +6,20 @@ chaos proxy, and the history checker judges. Proxy checks work against any
 server; server checks (cut after event N, lost acknowledgements, 503s,
 duplicate delivery, stalls, retention) need the ``/_chaos`` admin endpoint
 (``python -m mock_server --chaos``) and are skipped without it.
+
+A URL without ``http://`` or ``https://`` is refused (:func:`check_url`), and a
+server that does not answer at all fails at once (:class:`Unreachable`),
+before any check runs and retries.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 from websockets.asyncio.client import connect as ws_connect
@@ -46,7 +52,17 @@ from .plan import (
 from .reader import WS_PATH, new_client
 from .scenario import ScenarioResult, Transport, run_scenario
 
-__all__ = ["Check", "audit", "battery", "format_table", "has_admin", "has_websocket"]
+__all__ = [
+    "Check",
+    "Unreachable",
+    "audit",
+    "battery",
+    "check_url",
+    "format_table",
+    "has_admin",
+    "has_websocket",
+    "reach",
+]
 
 
 @dataclass(frozen=True)
@@ -245,6 +261,47 @@ def battery(events: int = 40) -> list[Check]:
     ]
 
 
+class Unreachable(ConnectionError):
+    """Nothing answers HTTP at the URL: nothing listens, no route, or not an HTTP server."""
+
+
+def check_url(url: str) -> str:
+    """``url`` if it is an ``http://`` or ``https://`` URL with a host; ``ValueError`` if not."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        host = None
+    if host is None or parts.scheme not in ("http", "https"):
+        raise ValueError(
+            f"{url!r} is not a server URL: it needs http:// or https:// and a host,"
+            " e.g. http://127.0.0.1:4437"
+        )
+    return url
+
+
+async def reach(url: str, *, timeout: float = 5.0) -> None:
+    """Raise :class:`Unreachable` unless an HTTP server answers at ``url`` (any status will do)."""
+    async with new_client(timeout=timeout) as http:
+        try:
+            await http.get(url)
+        except httpx.TimeoutException as exc:
+            raise Unreachable(f"cannot reach {url}: no answer in {timeout:g} s") from exc
+        except httpx.HTTPError as exc:
+            raise Unreachable(f"cannot reach {url}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause's words: ``Connection refused`` rather than httpx's
+    ``All connection attempts failed``."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return os.strerror(cause.errno) if cause.errno > 0 else str(cause.strerror)
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
+
+
 async def has_admin(url: str) -> bool:
     """Whether the server at ``url`` has the chaos admin endpoint."""
     async with new_client(timeout=5) as http:
@@ -298,7 +355,9 @@ async def audit(
 ) -> list[AuditRow]:
     """Run the battery against ``url``; server checks run if the admin endpoint
     answers; ``transports`` defaults to SSE, long-poll and, if the server
-    offers it, WebSocket."""
+    offers it, WebSocket. Raises ``ValueError`` for a URL without a scheme and
+    :class:`Unreachable` when nothing answers there."""
+    await reach(check_url(url))
     admin = await has_admin(url) if server_checks is None else server_checks
     if transports is None:
         transports = ["sse", "long-poll"]

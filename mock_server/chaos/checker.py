@@ -133,7 +133,20 @@ class HistoryReport(_Model):
 
     @property
     def ok(self) -> bool:
+        """Nothing wrong was found (also true of a check with nothing to compare:
+        see :attr:`checked`)."""
         return all(s.ok for s in self.subscribers)
+
+    @property
+    def checked(self) -> bool:
+        """Whether anything was compared: a subscriber, and an event published or seen.
+
+        A report that checked nothing never says OK (a test that failed before it
+        published or read anything has no history to vouch for).
+        """
+        return bool(self.subscribers) and (
+            self.published > 0 or any(s.seen for s in self.subscribers)
+        )
 
     def totals(self) -> dict[str, int]:
         """Counts over all subscribers: seen, lost, duplicated, reordered, ..."""
@@ -150,6 +163,16 @@ class HistoryReport(_Model):
         }
 
     def __str__(self) -> str:
+        if not self.checked:
+            if not self.published and not self.subscribers:
+                return "history check: nothing recorded (not checked)"
+            published = (
+                f"{self.published} published ({self.acknowledged} acknowledged)"
+                if self.published
+                else "nothing published"
+            )
+            seen = "nothing seen" if self.subscribers else "no subscriber recorded"
+            return f"history check: not checked: {published}, {seen}"
         verdict = "OK" if self.ok else "FAILED"
         lines = [
             f"history check {verdict}: {self.published} published"

@@ -138,3 +138,26 @@ def test_recorder_collects_as_it_goes() -> None:
 def test_content_hash_is_order_sensitive() -> None:
     assert content_hash(["a", "b"]) != content_hash(["b", "a"])
     assert content_hash(["ab"]) != content_hash(["a", "b"])
+
+
+def test_a_check_that_saw_nothing_does_not_say_ok() -> None:
+    empty = HistoryRecorder().check()
+    assert not empty.checked
+    assert str(empty) == "history check: nothing recorded (not checked)"
+    unread = HistoryRecorder()
+    unread.published("e1", offset=off(10))
+    assert str(unread.check()) == (
+        "history check: not checked: 1 published (1 acknowledged), no subscriber recorded"
+    )
+    silent = check_history([], [SubscriberHistory(name="r")])
+    assert str(silent) == "history check: not checked: nothing published, nothing seen"
+    for report in (empty, unread.check(), silent):
+        assert "OK" not in str(report)
+
+
+def test_a_check_that_saw_something_is_checked() -> None:
+    report, _sub = one(seen(1, 2, 3, 4, 5, 6))
+    assert report.checked
+    stray = check_history([], [SubscriberHistory(name="r", seen=[Seen(id="x")])])
+    assert stray.checked
+    assert "history check FAILED" in str(stray)

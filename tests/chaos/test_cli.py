@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from mock_server.chaos import AfterBytes, FaultPlan, OnResume, Reset, Rule, Trim, serve_chaos
 from mock_server.chaos.__main__ import main
+from mock_server.chaos.audit import Unreachable, reach
 
 
 @dataclass
@@ -158,3 +161,62 @@ async def test_a_server_that_drops_what_readers_resume_from_fails(tmp_path: Path
             "--replay",
         )  # fmt: skip
     assert code == 1, out
+
+
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """A loopback port where nothing listens: bound (so nobody else takes it), never listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["audit"], ["run", "PLAN"], ["soak", "--plans", "1"]],
+    ids=["audit", "run", "soak"],
+)
+def test_nothing_listening_fails_at_once(
+    chaos_cli: Callable[..., Result], dead_url: str, tmp_path: Path, command: list[str]
+) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("rules: []\n")
+    args = [str(plan) if arg == "PLAN" else arg for arg in command]
+    started = time.monotonic()
+    result = chaos_cli(*args, "--url", dead_url)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2
+    assert result.stderr == f"error: cannot reach {dead_url}: Connection refused\n"
+    assert "admin" not in result.stdout
+
+
+@pytest.mark.parametrize("url", ["localhost:9", "127.0.0.1:9", "ws://127.0.0.1:9"])
+@pytest.mark.parametrize("command", [["audit"], ["soak"]], ids=["audit", "soak"])
+def test_a_url_without_http_is_refused(
+    chaos_cli: Callable[..., Result], url: str, command: list[str]
+) -> None:
+    result = chaos_cli(*command, "--url", url)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: {url!r} is not a server URL: it needs http:// or https:// and a host,"
+        " e.g. http://127.0.0.1:4437\n"
+    )
+    assert result.stdout == ""
+
+
+async def test_a_server_that_never_answers_is_unreachable() -> None:
+    hung_up = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+        await writer.wait_closed()
+        hung_up.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server:
+        with pytest.raises(Unreachable, match=r"cannot reach .*: no answer in 0.2 s"):
+            await reach(url, timeout=0.2)
+        async with asyncio.timeout(5):
+            await hung_up.wait()  # no connection left open when the loop closes

@@ -82,8 +82,8 @@ def test_passes(chaos_seed):
 """
 
 
-def run_suite(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "test_suite.py").write_text(textwrap.dedent(SUITE))
+def run_suite(tmp_path: Path, *args: str, suite: str = SUITE) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "test_suite.py").write_text(textwrap.dedent(suite))
     plugin = [] if _plugin_registered() else ["-p", "mock_server.chaos.pytest_plugin"]
     return subprocess.run(
         [
@@ -117,6 +117,20 @@ def test_the_seed_option_replays(tmp_path: Path) -> None:
     result = run_suite(tmp_path, "--chaos-seed", "4242", "-k", "passes")
     assert "SEED 4242" in result.stdout
     assert result.returncode == 0
+
+
+FAILS_BEFORE_ANY_HISTORY = """
+def test_fails_early(history_checker, chaos_seed):
+    raise RuntimeError("the app under test did not start")
+"""
+
+
+def test_a_history_that_recorded_nothing_is_not_reported_ok(tmp_path: Path) -> None:
+    result = run_suite(tmp_path, suite=FAILS_BEFORE_ANY_HISTORY)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "chaos seed:" in result.stdout
+    assert "history check: nothing recorded (not checked)" in result.stdout
+    assert "history check OK" not in result.stdout
 
 
 async def test_the_server_factory_takes_options(
