@@ -22,10 +22,10 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote_to_bytes, urlsplit
 
 from durable_client import wire as P
 from durable_client.wire import WS_PATH
@@ -47,7 +47,12 @@ log = logging.getLogger("mock_server")
 
 _TTL_RE = re.compile(r"^(0|[1-9]\d{0,11})$")
 _INT_RE = re.compile(r"^(0|[1-9]\d{0,15})$")
-_CONTENT_TYPE_RE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+(\s*;.*)?$")
+# Parameters may hold visible ASCII, tab and obs-text, never a control character:
+# the value is echoed in every response's Content-Type.
+_CONTENT_TYPE_RE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+(\s*;[\t\x20-\x7e\x80-\xff]*)?$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9.\-_~%]*(\[[0-9A-Fa-f:.]+\])?(:\d{1,5})?$")
+# What a Location header's path keeps as is; everything else (non-ASCII) is percent-encoded.
+_PATH_SAFE = "/!$&'()*+,;=:@-._~"
 
 _MAX_IDEMPOTENCY_KEY = 256
 
@@ -183,8 +188,36 @@ class Request:
                 return b"".join(chunks)
 
     def base_url(self) -> str:
+        """The URL of this server as the client addressed it ("" if its Host is no host)."""
         host = self.header("host") or "127.0.0.1"
+        if not _HOST_RE.match(host):
+            return ""  # Location then holds a relative reference (RFC 9110 10.2.2)
         return f"{self.scope.get('scheme', 'http')}://{host}"
+
+    def url_of(self, path: str) -> str:
+        """The absolute URL of ``path`` on this server, ASCII (a Unicode name percent-encoded)."""
+        return self.base_url() + quote(path, safe=_PATH_SAFE)
+
+
+def strict_path(scope: Scope) -> str:
+    """The request's path, percent-decoded as UTF-8; 400 if it is not UTF-8.
+
+    ASGI servers decode ``%ff`` into U+FFFD: two different invalid names would
+    name one stream, so the path is decoded again from ``raw_path``, strictly.
+    """
+    path: str = scope["path"]
+    raw = scope.get("raw_path")
+    if not raw or (b"%" not in raw and raw.isascii()):
+        return path
+    root: str = scope.get("root_path", "")
+    try:
+        return root + unquote_to_bytes(raw[len(root.encode("latin-1")) :]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(
+            400,
+            f"path is not UTF-8 once percent-decoded ({exc.reason} at byte {exc.start});"
+            " percent-encode a name's UTF-8 bytes",
+        ) from None
 
 
 async def respond(
@@ -321,6 +354,7 @@ class DurableStreamsApp:
         return error
 
     async def _route(self, req: Request, send: Send) -> None:
+        req.path = strict_path(req.scope)
         if req.method == "OPTIONS":
             await respond(send, 204)
             return
@@ -422,14 +456,22 @@ class DurableStreamsApp:
             (P.STREAM_INCARNATION, state.incarnation_text),
         ]
         if created:
-            headers.append(("Location", req.base_url() + req.path))
+            headers.append(("Location", req.url_of(req.path)))
         if state.closed:
             headers.append((P.STREAM_CLOSED, "true"))
         await respond(send, 201 if created else 200, headers)
 
     @staticmethod
     def _stream_path(value: str) -> str:
-        path = urlsplit(value.strip()).path
+        """The stream a ``Stream-Forked-From`` header names: a path or URL, its name
+        percent-encoded (or raw UTF-8) as in a request line."""
+        try:
+            raw = urlsplit(value.strip()).path.encode("latin-1")
+            path = unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(
+                400, "Stream-Forked-From is not UTF-8 once percent-decoded"
+            ) from None
         if not path.startswith("/"):
             path = P.STREAM_PATH_PREFIX + path
         if not path.startswith(P.STREAM_PATH_PREFIX) or path == P.STREAM_PATH_PREFIX:
@@ -632,42 +674,6 @@ class DurableStreamsApp:
         self, req: Request, send: Send, state: StreamState, position: int, cursor: str | None
     ) -> None:
         binary = not P.is_text_compatible(state.content_type)
-        headers = [
-            (b"content-type", b"text/event-stream"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-            (P.STREAM_INCARNATION.lower().encode(), state.incarnation_text.encode()),
-        ]
-        if binary:
-            headers.append((P.STREAM_SSE_DATA_ENCODING.lower().encode(), b"base64"))
-        await send(
-            {"type": "http.response.start", "status": 200, "headers": [*_COMMON_HEADERS, *headers]}
-        )
-        disconnected = asyncio.Event()
-
-        async def watch_disconnect() -> None:
-            while (await req.receive())["type"] != "http.disconnect":
-                pass
-            disconnected.set()
-
-        watcher = asyncio.ensure_future(watch_disconnect())
-        try:
-            if not self.shutting_down.is_set():
-                await self._sse_events(send, state, position, cursor, disconnected)
-        finally:
-            watcher.cancel()
-        if not disconnected.is_set():
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _sse_events(
-        self,
-        send: Send,
-        state: StreamState,
-        position: int,
-        cursor: str | None,
-        disconnected: asyncio.Event,
-    ) -> None:
-        """The events of one SSE response: each read of the tail as data, then control."""
         tail = self.store.tail(
             state,
             position,
@@ -675,20 +681,85 @@ class DurableStreamsApp:
             idle=self.config.long_poll_timeout,  # an idle tail sends a control event as often
             stop=(self.shutting_down,),
         )
+        async with contextlib.aclosing(tail) as results:
+            # The first read comes before the head: a stream SSE cannot carry from
+            # here gets its refusal as a status, not as a response that ends at once.
+            first = self._sse_chunk(state, await anext(results), cursor)
+            headers = [
+                (b"content-type", b"text/event-stream"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+                (P.STREAM_INCARNATION.lower().encode(), state.incarnation_text.encode()),
+            ]
+            if binary:
+                headers.append((P.STREAM_SSE_DATA_ENCODING.lower().encode(), b"base64"))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [*_COMMON_HEADERS, *headers],
+                }
+            )
+            disconnected = asyncio.Event()
+
+            async def watch_disconnect() -> None:
+                while (await req.receive())["type"] != "http.disconnect":
+                    pass
+                disconnected.set()
+
+            watcher = asyncio.ensure_future(watch_disconnect())
+            try:
+                if not self.shutting_down.is_set():
+                    await self._sse_events(send, state, first, results, cursor, disconnected)
+            finally:
+                watcher.cancel()
+        if not disconnected.is_set():
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _sse_chunk(self, state: StreamState, result: ReadResult, cursor: str | None) -> bytes:
+        """One read of the tail as SSE: its data event (if any), then its control event.
+
+        409 if the data is not UTF-8 on a text stream (stored by an older server that
+        did not check appends): SSE can only carry it as text; a catch-up GET can.
+        """
+        chunk = b""
+        if result.records:
+            try:
+                chunk += sse_data(state.content_type, self._payload(state, result))
+            except UnicodeDecodeError:
+                start = state.offset(result.records[0].end - len(result.records[0].data))
+                raise ProtocolError(
+                    409,
+                    f"the stream's data after offset {start} is not valid UTF-8, so SSE cannot"
+                    f" carry it as {P.media_type(state.content_type)} text; read it with a"
+                    " catch-up GET (no live=sse)",
+                ) from None
+        return chunk + sse_control(
+            result.next_offset,
+            up_to_date=result.up_to_date,
+            closed=result.closed,
+            cursor=cursor_for(cursor),
+        )
+
+    async def _sse_events(
+        self,
+        send: Send,
+        state: StreamState,
+        first: bytes,
+        results: AsyncIterator[ReadResult],
+        cursor: str | None,
+        disconnected: asyncio.Event,
+    ) -> None:
+        """The events of one SSE response: the first read's, then each read of the tail."""
         try:
-            async with contextlib.aclosing(tail) as results:
-                async for result in results:
-                    if disconnected.is_set():
-                        return
-                    chunk = b""
-                    if result.records:
-                        chunk += sse_data(state.content_type, self._payload(state, result))
-                    chunk += sse_control(
-                        result.next_offset,
-                        up_to_date=result.up_to_date,
-                        closed=result.closed,
-                        cursor=cursor_for(cursor),
-                    )
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            chunk = first
+            while True:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                result = await anext(results, None)
+                if result is None or disconnected.is_set():
+                    return
+                chunk = self._sse_chunk(state, result, cursor)
         except ProtocolError:
-            return  # deleted under us: end the response; the reconnect gets 404/410
+            # Deleted under us, or data SSE cannot carry: end the response; the
+            # reconnect is told why (404/410/409).
+            return

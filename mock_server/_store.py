@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -46,10 +47,37 @@ class ProtocolError(Exception):
 
 
 def check_not_reserved(path: str) -> None:
-    """400 for ``/v1/stream/__ds`` and below: the protocol's own API, never a stream."""
+    """400 for a path that can name no stream: ``/v1/stream/__ds`` and below (the
+    protocol's own API), and a name holding a control character or a lone surrogate
+    (not Unicode: it could be neither stored nor echoed in a header or a frame)."""
     name = path.removeprefix(P.STREAM_PATH_PREFIX)
     if name == P.RESERVED_PREFIX or name.startswith(P.RESERVED_PREFIX + "/"):
         raise ProtocolError(400, RESERVED_MESSAGE)
+    bad = _BAD_NAME_CHAR.search(name)
+    if bad is not None:
+        what = "a lone surrogate" if "\ud800" <= bad.group() <= "\udfff" else "a control character"
+        raise ProtocolError(
+            400, f"stream name holds {what} ({bad.group()!r}); names are printable Unicode"
+        )
+
+
+# C0 controls, DEL, C1 controls, and the surrogates no UTF-8 text can hold.
+_BAD_NAME_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def check_utf8_text(content_type: str, data: bytes) -> None:
+    """400 unless ``data`` is UTF-8 for a ``text/*`` stream, which SSE carries as UTF-8
+    (protocol: "text/* and application/json streams are sent as UTF-8")."""
+    if P.is_text_compatible(content_type) and not P.is_json(content_type):
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(
+                400,
+                f"body is not valid UTF-8 (byte {exc.start}: {exc.reason}); a"
+                f" {P.media_type(content_type)} stream holds UTF-8 text (use a binary"
+                " content type such as application/octet-stream for bytes)",
+            ) from None
 
 
 def request_digest(data: bytes, close: bool) -> str:
@@ -138,7 +166,13 @@ def parse_json_messages(body: bytes, *, allow_empty: bool) -> tuple[bytes, int]:
         if allow_empty:
             return b"", 0
         raise ProtocolError(400, "an empty JSON array appends nothing")
-    return ",".join(_dump(item) for item in items).encode(), len(items)
+    try:
+        return ",".join(_dump(item) for item in items).encode(), len(items)
+    except UnicodeEncodeError as exc:  # "\ud800": valid JSON syntax, but no Unicode text
+        lone = exc.object[exc.start : exc.end]
+        raise ProtocolError(
+            400, f"invalid JSON body: a string holds a lone surrogate ({lone!r}), not Unicode"
+        ) from None
 
 
 def json_items(record: Record) -> list[Any]:
@@ -345,7 +379,15 @@ class StreamStore:
             return Record(0, data, sub_offset)
         if sub_offset > len(first.data):
             raise ProtocolError(400, "Stream-Fork-Sub-Offset exceeds the append's length")
-        return Record(0, first.data[:sub_offset])
+        prefix = first.data[:sub_offset]
+        if P.is_text_compatible(source.content_type):
+            try:
+                prefix.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError(
+                    400, "Stream-Fork-Sub-Offset falls inside a UTF-8 character of the append"
+                ) from None
+        return Record(0, prefix)
 
     # ------------------------------------------------------------------ append / close
 
@@ -516,6 +558,7 @@ class StreamStore:
     def _encode(self, state: StreamState, body: bytes, *, allow_empty: bool) -> tuple[bytes, int]:
         if P.is_json(state.content_type):
             return parse_json_messages(body, allow_empty=allow_empty)
+        check_utf8_text(state.content_type, body)
         return body, 1
 
     def _commit(
@@ -540,7 +583,8 @@ class StreamStore:
     def parse_read_offset(self, state: StreamState, offset: str | None) -> int:
         """The position a read starts after: ``-1``, ``now`` or an offset (``resolve_offset``)."""
         if offset is None or offset == P.OFFSET_BEGINNING:
-            return self._retained(state, 0, "offset")
+            # The beginning is the beginning of what is retained: after a trim, its floor.
+            return state.trimmed_to
         if offset == P.OFFSET_NOW:
             return state.tail
         return self.resolve_offset(state, offset)

@@ -61,6 +61,7 @@ from ._store import (
 log = logging.getLogger("mock_server.ws")
 
 MAX_BAD_FRAMES = 10
+MAX_ECHOED_REQ = 128  # a malformed frame's req id is echoed back up to this length (as Id)
 SLOW_REASON = "slow consumer: resume from your last offset"
 
 
@@ -138,7 +139,16 @@ class DataFrames:
             return f'{head}"messages":[{body}]}}'
         raw = b"".join(r.data for r in result.records)
         if self._key == "text":
-            payload = json.dumps(raw.decode("utf-8", "replace"))
+            try:
+                payload = json.dumps(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                # Stored by an older server that did not check appends: refuse it
+                # (as SSE does) rather than deliver U+FFFD in place of the bytes.
+                raise ProtocolError(
+                    409,
+                    f"the stream's data before offset {result.next_offset} is not valid"
+                    " UTF-8, so it cannot be sent as text; read it with a catch-up GET",
+                ) from None
         else:
             payload = json.dumps(base64.b64encode(raw).decode())
         return f'{head}"{self._key}":{payload}}}'
@@ -505,10 +515,16 @@ class Connection:
 def _request_id(text: str) -> str | None:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[...", nested too deep
         return None
     req = value.get("req") if isinstance(value, dict) else None
-    return req if isinstance(req, str) else None
+    if not isinstance(req, str) or len(req) > MAX_ECHOED_REQ:
+        return None
+    try:
+        req.encode("utf-8")  # json.loads takes "\ud800"; no frame can carry it back
+    except UnicodeEncodeError:
+        return None
+    return req
 
 
 class WebSocketEndpoint:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -47,3 +48,48 @@ def clock(server: RunningServer) -> FakeClock:
     fake = FakeClock()
     server.store.clock = fake
     return fake
+
+
+class ServerLog(logging.Handler):
+    """Every record the server (uvicorn, mock_server, asyncio) logs while a test runs."""
+
+    LOGGERS = ("", "uvicorn")  # the root gets mock_server and asyncio; uvicorn stops its own
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def problems(self) -> list[str]:
+        """Errors and tracebacks: what a bad request must never cause."""
+        return [
+            f"{r.name} {r.levelname}: {r.getMessage()}"
+            + (
+                f" [{r.exc_info[0].__name__}: {r.exc_info[1]}]"
+                if r.exc_info and r.exc_info[0]
+                else ""
+            )
+            for r in self.records
+            if r.levelno >= logging.ERROR or r.exc_info or "Traceback" in r.getMessage()
+        ]
+
+
+@pytest.fixture
+def server_log(server: RunningServer) -> Iterator[ServerLog]:
+    """The server's log. Attached after the server starts: uvicorn's logging setup,
+    when its config is built, replaces the handlers of its loggers."""
+    yield from capture_server_log()
+
+
+def capture_server_log() -> Iterator[ServerLog]:
+    handler = ServerLog()
+    loggers = [logging.getLogger(name) for name in ServerLog.LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
