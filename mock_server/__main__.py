@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
+import os
 import signal
+import sqlite3
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from ._server import Settings, run
+from ._storage import DataDirInUse
+
+# The name the user typed: the console script, or the module.
+PROG = "durable-server" if Path(sys.argv[0]).name == "durable-server" else "python -m mock_server"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every error on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see --help)")
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(
-        prog="python -m mock_server",
+    parser = _Parser(
+        prog=PROG,
         description="Durable Streams session server (in memory, or SQLite with --data-dir).",
     )
     parser.add_argument(
@@ -94,8 +109,20 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="'debug' logs one line per request",
     )
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be 0 to 65535 (0 picks a free one), not {args.port}")
     if args.long_poll_timeout <= 0:
         parser.error("--long-poll-timeout must be positive")
+    for option in ("max_body_bytes", "sse_max_duration"):
+        if getattr(args, option) <= 0:
+            parser.error(f"--{option.replace('_', '-')} must be positive")
+    for option in ("ws_ping_interval", "ws_ping_timeout", "presence_grace"):
+        if getattr(args, option) < 0:
+            parser.error(f"--{option.replace('_', '-')} must not be negative")
+    if args.data_dir is not None:
+        problem = _data_dir_problem(args.data_dir)
+        if problem is not None:
+            parser.error(f"--data-dir {args.data_dir}: {problem}")
     if args.fault_plan is not None:
         from .chaos.plan import FaultPlan
 
@@ -121,6 +148,29 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     )
 
 
+def _data_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a data directory (creating it if missing), or None."""
+    if path.exists() and not path.is_dir():
+        return "is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create it: {exc.strerror or exc}"
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        return f"cannot write in it: {exc.strerror or exc}"
+    return None
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr, argparse style, and exit 2."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     logging.basicConfig(
@@ -144,12 +194,15 @@ def main(argv: list[str] | None = None) -> None:
         asyncio_run(run(settings, wrap=wrap))
     except KeyboardInterrupt:
         pass
+    except DataDirInUse as exc:
+        _fail(str(exc))
+    except sqlite3.Error as exc:
+        _fail(f"--data-dir {settings.data_dir}: cannot open its database: {exc}")
     except OSError as exc:
-        print(
-            f"error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+        where = f"{settings.host}:{settings.port}"
+        if exc.errno == errno.EADDRINUSE:
+            _fail(f"cannot listen on {where}: port {settings.port} is in use (another server?)")
+        _fail(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
 if __name__ == "__main__":

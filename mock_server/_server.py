@@ -93,7 +93,7 @@ def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         app,
         host=settings.host,
         port=settings.port,
-        http="httptools",
+        http="mock_server._http_protocol:BoundedHttpToolsProtocol",  # httptools + 431
         ws="websockets-sansio",
         lifespan="on",
         log_level=settings.log_level,
@@ -119,6 +119,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _announce(app: DurableStreamsApp, sock: socket.socket) -> None:
+    """Write the URL into the data directory's lock file, for whoever finds it held."""
+    storage = app.store.storage
+    if isinstance(storage, SqliteStorage):
+        storage.announce(url_of(sock))
+
+
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -134,8 +141,13 @@ async def run(settings: Settings, *, wrap: Wrap | None = None) -> None:
     """
     if (settings.chaos or settings.fault_plan is not None) and wrap is None:
         raise ValueError("chaos settings need wrap=mock_server.chaos.chaos_middleware(settings)")
-    app = build_app(settings)
-    sock = bind(settings.host, settings.port)
+    app = build_app(settings)  # takes the data directory's lock (DataDirInUse if held)
+    try:
+        sock = bind(settings.host, settings.port)
+    except BaseException:
+        app.store.storage.close()
+        raise
+    _announce(app, sock)
     config = _uvicorn_config(wrap(app) if wrap is not None else app, settings)
     config.load()  # import errors surface before the banner says we are up
     server = _Server(config, app)
@@ -186,8 +198,13 @@ async def serve(
         log_level="warning",
         **overrides,
     )
-    app = build_app(settings)
-    sock = bind(host, port)
+    app = build_app(settings)  # takes the data directory's lock (DataDirInUse if held)
+    try:
+        sock = bind(host, port)
+    except BaseException:
+        app.store.storage.close()
+        raise
+    _announce(app, sock)
     server = _Server(_uvicorn_config(wrap(app) if wrap is not None else app, settings), app)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -200,5 +217,10 @@ async def serve(
     finally:
         app.begin_shutdown()
         server.should_exit = True
-        await task
-        sock.close()
+        try:
+            await task
+        finally:
+            sock.close()
+            # The lifespan shutdown closed it already, unless uvicorn never got that far;
+            # either way the data directory is free for the next server when we return.
+            app.store.storage.close()

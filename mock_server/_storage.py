@@ -11,11 +11,20 @@ rejected or failed request changes nothing.
   append, a producer's state and a closure survive ``kill -9``. WAL mode with
   ``synchronous=NORMAL`` survives a process crash; ``synchronous=FULL`` (the
   ``durability="full"`` option) also survives power loss, at an fsync per write.
+
+A data directory belongs to one server at a time: ``SqliteStorage`` takes an
+exclusive OS lock (``flock``) on ``server.lock`` in it and holds it until
+``close()`` or the process ends (the OS releases it after ``kill -9`` too).
+A second server on the same directory gets :class:`DataDirInUse`, naming the
+pid and URL the holder wrote into the lock file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -115,12 +124,99 @@ def _landed_from_json(text: str) -> dict[int, Landed]:
     return landed
 
 
+LOCK_FILE = "server.lock"
+
+
+class DataDirInUse(Exception):
+    """Another server (``pid``, at ``url`` if it said) holds the data directory's lock."""
+
+    def __init__(self, directory: Path, pid: int | None, url: str | None) -> None:
+        self.directory = directory
+        self.pid = pid
+        self.url = url
+        holder = f"server pid {pid}" if pid is not None else "another server"
+        where = f" on {url}" if url else ""
+        super().__init__(
+            f"data directory {directory} is in use by {holder}{where}; "
+            "one server per data directory (stop it, or use another --data-dir)"
+        )
+
+
+def data_dir_owner(directory: str | Path) -> dict[str, Any]:
+    """What the server holding ``directory`` wrote into its lock file (``pid``, ``url``),
+    or ``{}`` if none has (no file, unreadable, or written by no one yet)."""
+    try:
+        owner = json.loads((Path(directory) / LOCK_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+class DataDirLock:
+    """The exclusive lock on a data directory, held from construction to :meth:`release`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / LOCK_FILE
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            owner = data_dir_owner(directory)
+            pid, url = owner.get("pid"), owner.get("url")
+            raise DataDirInUse(
+                directory,
+                pid if isinstance(pid, int) else None,
+                url if isinstance(url, str) else None,
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
+        self.record()
+
+    def record(self, url: str | None = None) -> None:
+        """Write who holds the lock (this pid, and ``url`` once the server listens)."""
+        fd = self._fd
+        if fd is None:
+            return
+        owner: dict[str, Any] = {"pid": os.getpid()}
+        if url is not None:
+            owner["url"] = url
+        data = json.dumps(owner).encode() + b"\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+
+    def release(self) -> None:
+        """Give the directory up (idempotent). The file stays; only its lock matters."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing the last descriptor releases the flock
+
+
 class SqliteStorage:
-    """Streams in one SQLite database file under ``data_dir``."""
+    """Streams in one SQLite database file under ``data_dir``, which it locks
+    (one server per data directory; raises :class:`DataDirInUse` otherwise)."""
 
     def __init__(self, data_dir: str | Path, durability: Literal["normal", "full"] = "normal"):
         directory = Path(data_dir)
         directory.mkdir(parents=True, exist_ok=True)
+        self.lock = DataDirLock(directory)
+        try:
+            self._open(directory, durability)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def announce(self, url: str) -> None:
+        """Record in the lock file the URL this server listens on (for a second
+        server's error message, and for tools that look for the owner)."""
+        self.lock.record(url)
+
+    def _open(self, directory: Path, durability: Literal["normal", "full"]) -> None:
         self.path = directory / "streams.sqlite3"
         # The server is single-threaded asyncio; every call comes from the loop thread.
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -248,4 +344,6 @@ class SqliteStorage:
             raise
 
     def close(self) -> None:
+        """Close the database and release the data directory (idempotent)."""
         self._db.close()
+        self.lock.release()

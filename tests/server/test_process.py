@@ -149,12 +149,41 @@ def test_help_lists_the_options() -> None:
         assert option in result.stdout
 
 
-@pytest.mark.parametrize("args", [["--long-poll-timeout", "0"], ["--port", "x"]])
-def test_bad_arguments_get_a_message_not_a_traceback(args: list[str]) -> None:
-    result = run_cli(*args)
-    assert result.returncode == 2
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The single error line of a command that refused its arguments (exit 2)."""
+    assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
-    assert "error:" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "error:" in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--long-poll-timeout", "0"], "--long-poll-timeout must be positive"),
+        (["--port", "x"], "invalid int value: 'x'"),
+        (["--port", "99999"], "--port must be 0 to 65535"),
+        (["--port", "-1"], "--port must be 0 to 65535"),
+        (["--max-body-bytes", "-5"], "--max-body-bytes must be positive"),
+        (["--presence-grace", "-1"], "--presence-grace must not be negative"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        # Read-only even for root: nothing can be written under /sys.
+        (["--data-dir", "/sys"], "--data-dir /sys: cannot write in it"),
+    ],
+)
+def test_bad_arguments_get_a_message_not_a_traceback(args: list[str], says: str) -> None:
+    assert says in one_line_error(run_cli(*args))
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    line = one_line_error(run_cli("--port", "0", "--data-dir", str(file)))
+    assert f"--data-dir {file}: is not a directory" in line
+    assert "cannot listen" not in line
+    assert file.read_text() == "mine"  # changed nothing
 
 
 def test_port_in_use_is_a_clear_error() -> None:
@@ -165,9 +194,8 @@ def test_port_in_use_is_a_clear_error() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = run_cli("--port", str(port))
-    assert result.returncode == 1
-    assert "cannot listen on 127.0.0.1:" in result.stderr
-    assert "Traceback" not in result.stderr
+    line = one_line_error(result)
+    assert f"cannot listen on 127.0.0.1:{port}: port {port} is in use" in line
 
 
 async def test_debug_logs_one_line_per_request() -> None:
