@@ -3,9 +3,9 @@
 Keys: Enter sends; while a reply streams, Enter *steers* it (the agent folds
 your note into the reply it is writing) and ``/next …`` queues a follow-up
 turn instead; Escape stops the reply (an explicit cancel, seen by every
-terminal; the text so far stays, marked stopped); Ctrl+P opens the command
-palette (new session, join, recent sessions, copy the id, simulate a
-disconnect).
+terminal; the text so far stays, marked stopped); Ctrl+N starts a new
+session; Ctrl+P opens the command palette (new session, join, recent
+sessions, copy the id, simulate a disconnect, rename yourself).
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import asyncio
 import contextlib
 import os
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.command import Hit, Hits, Provider
+from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, OptionList, Static
@@ -40,7 +41,7 @@ from durable_client import (
 from durable_client.streams import DurableStream
 
 from ._index import IndexEntry, announce, recent
-from .widgets import ChatLog, Note, StatusBar, short_offset
+from .widgets import ChatLog, Note, StatusBar, position_label
 
 _ADJECTIVES = (
     "amber",
@@ -62,14 +63,32 @@ def new_session_id() -> str:
     return f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}-{secrets.randbelow(10000):04d}"
 
 
+def default_launcher(argv0: str | None = None) -> str:
+    """How the join hint tells others to start the app: ``$DURABLE_CHAT_LAUNCHER`` if set
+    (``dev.py chat`` sets it), else the way this process was started: ``durable-chat``
+    for the console script, ``python -m tui_demo`` for the module."""
+    override = os.environ.get("DURABLE_CHAT_LAUNCHER")
+    if override:
+        return override
+    name = os.path.basename(sys.argv[0] if argv0 is None else argv0)
+    if name.removesuffix(".exe") == "durable-chat":
+        return "durable-chat"
+    return "python -m tui_demo"  # the module, or an embedding program: the one sure command
+
+
 @dataclass(frozen=True)
 class ChatConfig:
     server: str
     session_id: str
     user: Author
     new: bool  # start this session (create and announce it) rather than join it
-    launcher: str = "python -m tui_demo"  # how the join hint tells others to start the app
+    #: How the join hint tells others to start the app (default: how this one was started).
+    launcher: str = field(default_factory=default_launcher)
     label: str = ""  # how this terminal appears in presence (default: the user's name)
+
+
+#: The longest display name a rename accepts.
+MAX_NAME = 40
 
 
 class SessionHeader(Static):
@@ -87,14 +106,15 @@ class PromptScreen(ModalScreen[str | None]):
     """
     BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
 
-    def __init__(self, question: str) -> None:
+    def __init__(self, question: str, placeholder: str = "amber-otter-0042") -> None:
         super().__init__()
         self.question = question
+        self.placeholder = placeholder
 
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Static(self.question)
-            yield Input(placeholder="amber-otter-0042")
+            yield Input(placeholder=self.placeholder)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)
@@ -126,23 +146,28 @@ class RecentScreen(ModalScreen[str | None]):
 
 
 class SessionCommands(Provider):
-    """The command palette's session commands."""
+    """The command palette's session commands, listed as soon as the palette opens."""
 
-    async def search(self, query: str) -> Hits:
+    def commands(self) -> Iterator[tuple[str, Callable[[], object], str]]:
         app = self.app
         assert isinstance(app, ChatApp)
-        commands: list[tuple[str, Callable[[], object], str]] = [
-            ("New session", app.action_new_session, "start a new session"),
-            ("Join session…", app.action_join_session, "join a session by id"),
-            ("Recent sessions…", app.action_recent_sessions, "pick a session of this server"),
-            ("Copy session id", app.action_copy_session_id, "to the clipboard"),
-            ("Simulate a disconnect", app.action_simulate_disconnect, "drop the connection"),
-        ]
+        yield ("New session", app.action_new_session, "start a new session (Ctrl+N)")
+        yield ("Join session…", app.action_join_session, "join a session by id")
+        yield ("Recent sessions…", app.action_recent_sessions, "pick a session of this server")
+        yield ("Copy session id", app.action_copy_session_id, "to the clipboard")
+        yield ("Simulate a disconnect", app.action_simulate_disconnect, "drop the connection")
+        yield ("Rename yourself…", app.action_rename, "the name the others see")
+
+    async def discover(self) -> Hits:
+        for name, callback, help_text in self.commands():
+            yield DiscoveryHit(name, callback, text=name, help=help_text)
+
+    async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
-        for name, callback, help_text in commands:
+        for name, callback, help_text in self.commands():
             score = matcher.match(name)
             if score > 0:
-                yield Hit(score, matcher.highlight(name), callback, help=help_text)
+                yield Hit(score, matcher.highlight(name), callback, text=name, help=help_text)
 
 
 class ChatApp(App[None]):
@@ -155,15 +180,19 @@ class ChatApp(App[None]):
     """
     BINDINGS = [
         Binding("escape", "stop", "Stop reply", show=True),
-        Binding("ctrl+n", "new_session", "New session", show=False),
+        Binding("ctrl+n", "new_session", "New session", show=True),
         Binding("ctrl+q", "quit", "Quit", show=True, priority=True),
     ]
 
     def __init__(self, config: ChatConfig) -> None:
         super().__init__()
         self.config = config
+        self.user = config.user  # a rename changes the name, never the id
+        self.label = config.label  # this terminal in presence ("" : the user's name)
         self.session_id = config.session_id
         self.session: Session | None = None
+        #: Why there is no session to send to (it does not exist, it failed), if so.
+        self.unavailable: str | None = None
         self.transcript = Transcript()
         self.members: tuple[Member, ...] = ()
         self._new = config.new
@@ -172,7 +201,7 @@ class ChatApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield SessionHeader(id="session-header")
-        yield ChatLog(self.config.user.id)
+        yield ChatLog(self.user)
         yield Input(placeholder="Message (Enter sends; Escape stops a reply)", id="composer")
         yield StatusBar(id="status")
         yield Footer()
@@ -218,8 +247,9 @@ class ChatApp(App[None]):
         """Subscribe to the session from its beginning and show every event, live."""
         config = self.config
         chat = self.chat
-        session = Session(config.server, session_id, author=config.user)
+        session = Session(config.server, session_id, author=self.user)
         self.session = session
+        self.unavailable = None
         watcher = asyncio.create_task(self._watch_status(session))
         presence: asyncio.Task[None] | None = None
         try:
@@ -232,6 +262,11 @@ class ChatApp(App[None]):
                     created_by=config.user.id,
                 )
             elif not await self._exists(session.url):
+                self._lose(session)
+                self.unavailable = (
+                    f"there is no session {session_id!r} on {config.server}: "
+                    "press Ctrl+N for a new one, or Ctrl+P to join another"
+                )
                 await chat.mount(
                     Note(
                         f"Session {session_id!r} was not found on {config.server}. "
@@ -251,12 +286,14 @@ class ChatApp(App[None]):
                     self.transcript.apply(event)
                     await chat.apply(event, live=caught_up)
                     if events.position is not None:
-                        self.status_bar.position = short_offset(events.position.offset)
+                        self.status_bar.position = position_label(events.position.offset)
                     self._update_agent_status()
                     if not caught_up and events.caught_up.is_set():
                         caught_up = True
                         await chat.history_loaded()
         except DurableError as exc:
+            self._lose(session)
+            self.unavailable = f"the session stopped: {exc}"
             await chat.mount(Note(f"✖ {exc}"))
         finally:
             watcher.cancel()
@@ -265,11 +302,17 @@ class ChatApp(App[None]):
             with contextlib.suppress(DurableError):
                 await session.aclose()
 
+    def _lose(self, session: Session) -> None:
+        """``session`` can take no messages: sending says why (``self.unavailable``)
+        rather than that a closed session is closed."""
+        if self.session is session:
+            self.session = None
+
     async def _presence(self, session: Session) -> None:
         """Join the session's presence and keep the status bar's "here" up to date."""
         try:
             changes = session.presence_changes()
-            await session.set_presence("idle", label=self.config.label or None, kind="user")
+            await session.set_presence("idle", label=self.label or None, kind="user")
             self._show_members(session.members)
             async for change in changes:
                 self._show_members(change.members)
@@ -278,6 +321,7 @@ class ChatApp(App[None]):
 
     def _show_members(self, members: tuple[Member, ...]) -> None:
         self.members = members
+        self.chat.labels = {m.client_id: m.label for m in members if m.label}
         users = [m.label or m.client_id for m in members if m.kind == "user"]
         self.status_bar.people = ", ".join(users) if users else ""
         self._update_agent_status()
@@ -325,7 +369,13 @@ class ChatApp(App[None]):
         text = event.value.strip()
         event.input.value = ""
         session = self.session
-        if not text or session is None:
+        if not text:
+            return
+        if session is None:
+            if self.unavailable is not None:
+                self.notify(f"not sent: {self.unavailable}", severity="error")
+            else:
+                self.notify("not sent: still connecting; try again in a moment", severity="error")
             return
         running = self.streaming_turn()
         try:
@@ -358,7 +408,7 @@ class ChatApp(App[None]):
         chat = self.chat
         chat.turns.clear()
         chat.remove_children()
-        self.status_bar.position = "-"
+        self.status_bar.position = ""
         self.start_session()
 
     def action_new_session(self) -> None:
@@ -392,14 +442,48 @@ class ChatApp(App[None]):
         self.session.drop_connections()
         self.notify("connection dropped; watch it resume")
 
+    def action_rename(self) -> None:
+        def chosen(name: str | None) -> None:
+            if name:
+                self.rename(name)
 
-def default_user() -> Author:
-    name = os.environ.get("USER") or "you"
-    return Author.user(f"{name}-{secrets.token_hex(3)}", name)
+        current = self.user.name or self.user.id
+        self.push_screen(PromptScreen(f"Your name (now {current!r})?", placeholder=current), chosen)
+
+    @work(group="rename")
+    async def rename(self, name: str) -> None:
+        """Take a new display name: for the messages this terminal sends from now on, and
+        in presence (every terminal's "here" shows it). The participant id stays."""
+        name = " ".join(name.split())
+        if not name or len(name) > MAX_NAME or not name.isprintable():
+            self.notify(
+                f"not renamed: a name is 1 to {MAX_NAME} printable characters", severity="error"
+            )
+            return
+        old = self.user.name or ""
+        self.user = Author.user(self.user.id, name)
+        # The terminal part of the label ("ada (pts/3)") stays; the name part changes.
+        if self.label and old and self.label.startswith(old):
+            self.label = name + self.label[len(old) :]
+        else:
+            self.label = ""
+        self.chat.me = self.user
+        session = self.session
+        if session is not None:
+            session.author = self.user
+            with contextlib.suppress(PresenceUnavailable, DurableError):
+                await session.set_presence(label=self.label or name)
+        self.notify(f"you are now {name}")
 
 
 def run_chat(config: ChatConfig) -> None:
     ChatApp(config).run()
 
 
-__all__ = ["ChatApp", "ChatConfig", "default_user", "new_session_id", "run_chat"]
+__all__ = [
+    "ChatApp",
+    "ChatConfig",
+    "default_launcher",
+    "new_session_id",
+    "run_chat",
+]

@@ -13,6 +13,7 @@ from textual.widgets.markdown import MarkdownStream
 
 from durable_client import (
     AnyEvent,
+    Author,
     Cancel,
     CancelScope,
     ConnectionState,
@@ -26,6 +27,7 @@ from durable_client import (
     TurnStart,
     UserMessage,
 )
+from durable_client.wire import OFFSET_BEGINNING
 
 
 class UserBubble(Static):
@@ -38,8 +40,7 @@ class UserBubble(Static):
     }
     """
 
-    def __init__(self, message: UserMessage, mine: bool) -> None:
-        who = "you" if mine else (message.author.name or message.author.id)
+    def __init__(self, message: UserMessage, who: str) -> None:
         text = Text()
         text.append(f"{who}\n", style="bold")
         text.append(message.text)
@@ -154,10 +155,30 @@ class ChatLog(VerticalScroll):
     ChatLog { height: 1fr; padding: 0 1; }
     """
 
-    def __init__(self, me: str) -> None:
+    def __init__(self, me: Author) -> None:
         super().__init__(id="chat")
-        self.me = me
+        self.me = me  # this terminal's participant (its name changes on a rename)
+        #: Presence labels by participant id (``ada (pts/4)``), kept up to date by the app.
+        self.labels: dict[str, str] = {}
         self.turns: dict[str, TurnView] = {}
+
+    def who(self, author: Author) -> str:
+        """How this terminal names the author of an event. "you" is only ever this
+        terminal's own participant; anyone else goes by their name, and someone with this
+        terminal's name (the same person elsewhere) by their terminal's presence label
+        (``ada (pts/4)``), else as ``ada in another terminal``."""
+        if author.id == self.me.id:
+            return "you"
+        name = author.name or author.id
+        if _reads_as_you(name):
+            # "you" was the default name when $USER was unset: here it would mean this terminal.
+            return f"another participant ({author.id})"
+        if name == self.me.name:
+            label = self.labels.get(author.id, "")
+            if label and label != name and not _reads_as_you(label):
+                return label
+            return f"{name} in another terminal"
+        return name
 
     def on_mount(self) -> None:
         self.anchor()
@@ -174,7 +195,7 @@ class ChatLog(VerticalScroll):
         """Show one event. ``live`` is False while history loads (rendered in one go later)."""
         if isinstance(event, UserMessage):
             view = await self.turn(event.turn_id)
-            await view.mount(UserBubble(event, event.author.id == self.me), before=0)
+            await view.mount(UserBubble(event, self.who(event.author)), before=0)
         elif isinstance(event, TurnStart):
             view = await self.turn(event.turn_id)
             await view.reply(event.author.id, event.author.name or event.author.id)
@@ -190,13 +211,12 @@ class ChatLog(VerticalScroll):
             await self._cancel_note(event)
         elif isinstance(event, Steer):
             view = await self.turn(event.turn_id)
-            who = "you" if event.author.id == self.me else (event.author.name or event.author.id)
-            await view.mount(Note(f"↳ {who} ({event.mode.value}): {event.text}"))
+            await view.mount(Note(f"↳ {self.who(event.author)} ({event.mode.value}): {event.text}"))
         elif isinstance(event, Progress):
             await self._progress(event)
 
     async def _cancel_note(self, cancel: Cancel) -> None:
-        who = "you" if cancel.author.id == self.me else (cancel.author.name or cancel.author.id)
+        who = self.who(cancel.author)
         if cancel.scope is CancelScope.TURN and cancel.turn_id is not None:
             view = await self.turn(cancel.turn_id)
             await view.mount(Note(f"■ stop requested by {who}"))
@@ -234,19 +254,28 @@ class ChatLog(VerticalScroll):
 
 
 class StatusBar(Static):
-    """Connection state (with a countdown while reconnecting), offset, who is here."""
+    """Connection state (with a countdown while reconnecting), offset, who is here, the agents.
+
+    It fits its width by whole parts, never by cutting a word: first the list of
+    people shrinks (``here: ada, bob +2``), then the offset goes, then the people
+    become a count (``4 here``, with the offset if it fits), then they go, then the
+    ``agent:`` prefix.
+    """
 
     DEFAULT_CSS = """
     StatusBar { height: 1; background: $panel; color: $text; padding: 0 1; }
     """
 
     connection: reactive[ConnectionStatus | None] = reactive(None)
-    position: reactive[str] = reactive("-")
+    position: reactive[str] = reactive("")  # "" while no real offset is known: not shown
     agents: reactive[str] = reactive("idle")
     people: reactive[str] = reactive("")
 
     def on_mount(self) -> None:
         self.set_interval(0.25, self.refresh_text)
+
+    def on_resize(self) -> None:
+        self.refresh_text()
 
     def watch_connection(self) -> None:
         self.refresh_text()
@@ -268,28 +297,99 @@ class StatusBar(Static):
         if state is ConnectionState.CONNECTED:
             return Text.assemble(("● connected", "green"))
         if state in (ConnectionState.RECONNECTING, ConnectionState.OFFLINE):
-            left = 0.0
+            left = None
             if status.delay is not None:
                 left = max(0.0, status.at + status.delay - time.monotonic())
-            label = "reconnecting" if state is ConnectionState.RECONNECTING else "offline"
+            label = "reconnecting" if state is ConnectionState.RECONNECTING else "offline, retrying"
             color = "yellow" if state is ConnectionState.RECONNECTING else "red"
-            return Text.assemble((f"◌ {label} in {left:.0f} s (attempt {status.attempt})", color))
+            return Text.assemble((f"◌ {label}{_countdown(left)} (attempt {status.attempt})", color))
         if state is ConnectionState.FAILED:
             return Text.assemble((f"✖ {status}", "bold red"))
         if state is ConnectionState.CLOSED:
             return Text.assemble(("■ closed", "dim"))
         return Text.assemble((f"◌ {state.value}", "yellow"))
 
+    def status_text(self, width: int | None = None) -> Text:
+        """The bar's text, fitted to ``width`` cells (default: the bar's own width)."""
+        if width is None:
+            width = self.content_size.width or 10_000  # not laid out yet: everything
+        connection = self.connection_text()
+        offset = Text(f"offset {self.position}", style="dim") if self.position else None
+        names = [n for n in self.people.split(", ") if n] if self.people else []
+        agent = self.agents
+
+        def assemble(offset: Text | None, here: str | None, agent_prefix: bool = True) -> Text:
+            text = connection.copy()
+            for part in (offset, Text(here) if here else None):
+                if part is not None:
+                    text.append("  ·  ")
+                    text.append_text(part)
+            text.append(f"  ·  agent: {agent}" if agent_prefix else f"  ·  {agent}")
+            return text
+
+        # In order of preference: names before the offset, the offset before a count.
+        candidates: list[Text] = []
+        for shown in (offset, None):
+            for k in range(len(names), 0, -1):
+                candidates.append(assemble(shown, _here(names, k)))
+        if names:
+            candidates.append(assemble(offset, f"{len(names)} here"))
+            candidates.append(assemble(None, f"{len(names)} here"))
+        candidates.append(assemble(offset, None))
+        candidates.append(assemble(None, None))
+        candidates.append(assemble(None, None, agent_prefix=False))
+        for text in candidates:
+            if text.cell_len <= width:
+                return text
+        return _cut_at_word(connection, width)
+
     def refresh_text(self) -> None:
-        text = self.connection_text()
-        text.append(f"  ·  offset {self.position}", style="dim")
-        if self.people:
-            text.append(f"  ·  here: {self.people}")
-        text.append(f"  ·  agent: {self.agents}")
-        self.update(text)
+        self.update(self.status_text())
+
+
+def _countdown(left: float | None) -> str:
+    """`` in 3 s``, `` in 0.4 s`` under a second, ``…`` while the attempt is under way."""
+    if left is None or left < 0.05:
+        return "…"
+    if left < 1:
+        return f" in {left:.1f} s"
+    return f" in {left:.0f} s"
+
+
+def _here(names: list[str], shown: int) -> str | None:
+    if not names:
+        return None
+    more = len(names) - shown
+    return "here: " + ", ".join(names[:shown]) + (f" +{more}" if more else "")
+
+
+def _cut_at_word(text: Text, width: int) -> Text:
+    """``text`` in ``width`` cells, cut at a space with an ellipsis, never mid-word."""
+    if text.cell_len <= width:
+        return text
+    plain = text.plain[: max(0, width - 1)]
+    cut = plain.rfind(" ")
+    head = text[: cut if cut > 0 else len(plain)]
+    head.rstrip()
+    head.append("…")
+    return head
+
+
+def position_label(offset: str) -> str:
+    """How the status bar shows a position's offset: ``1234``, or ``""`` for the
+    stream's beginning sentinel (``-1``: no real offset known yet, nothing to show)."""
+    if offset == OFFSET_BEGINNING:
+        return ""
+    return short_offset(offset)
 
 
 def short_offset(offset: str) -> str:
     """``0000000000000000_0000000000001234`` as ``1234`` (offsets are positions here)."""
     tail = offset.rsplit("_", 1)[-1].lstrip("0")
     return tail or "0"
+
+
+def _reads_as_you(name: str) -> bool:
+    """Whether a name would read as this terminal's user: ``you``, ``You (pts/3)``."""
+    words = name.split()
+    return bool(words) and words[0].casefold() == "you"

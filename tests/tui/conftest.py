@@ -28,14 +28,24 @@ class Chat:
     token_rate: float
     agent_task: asyncio.Task[None] | None = None
 
-    def app(self, name: str, *, server_url: str | None = None, new: bool = False) -> ChatApp:
+    def app(
+        self,
+        name: str,
+        *,
+        server_url: str | None = None,
+        new: bool = False,
+        user_id: str | None = None,
+        label: str = "",
+    ) -> ChatApp:
+        """A terminal of user ``name`` (id ``{name}-id`` unless ``user_id`` says)."""
         return ChatApp(
             ChatConfig(
                 server=server_url or self.server.url,
                 session_id=self.session_id,
-                user=Author.user(f"{name}-id", name),
+                user=Author.user(user_id or f"{name}-id", name),
                 new=new,
                 launcher="python -m tui_demo",
+                label=label,
             )
         )
 

@@ -87,3 +87,18 @@ async def test_snapshot_stopped_reply(chat: Chat, update: bool) -> None:
         await wait_for(pilot, lambda: reply_status(app) == "cancelled")
         await wait_for(pilot, lambda: app.query_one(StatusBar).agents == "Assistant idle")
         await check(pilot, "stopped_reply", update)
+
+
+async def test_snapshot_status_bar_at_80_columns(chat: Chat, update: bool) -> None:
+    # Two people with terminal labels do not fit beside everything else: the bar
+    # gives up whole parts ("here: … +1"), never half a word.
+    chat.start_agent()
+    alice = chat.app("alice", label="alice (pts/3)")
+    bob = chat.app("bob", label="bob (pts/4)")
+    async with alice.run_test(size=(80, 24)) as pilot, bob.run_test(size=(80, 24)):
+        bar = alice.query_one(StatusBar)
+        await wait_for(pilot, lambda: "bob (pts/4)" in bar.people)
+        await wait_for(pilot, lambda: bar.agents == "Assistant idle")
+        await wait_for(pilot, lambda: str(bar.connection_text()) == "● connected")
+        bar.people = "alice (pts/3), bob (pts/4)"  # presence order depends on who joined first
+        await check(pilot, "status_bar_80", update)

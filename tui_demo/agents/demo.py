@@ -69,16 +69,38 @@ async def tokens(text: str, rate: float) -> AsyncIterator[str]:
             await asyncio.sleep(interval)
 
 
+def _at_block_boundary(text: str) -> bool:
+    """Whether ``text`` ends between two Markdown blocks (after a blank line, outside a
+    fenced code block): where a note can go without cutting a list or a paragraph."""
+    return text.endswith("\n\n") and text.count("```") % 2 == 0
+
+
+def _acknowledgement(steer: str) -> str:
+    return f"> Noted: *{steer}*. Adjusting as I go.\n\n"
+
+
 async def answer(agent: Agent, turn: IncomingTurn, *, token_rate: float) -> None:
-    """Stream the reply to one turn. A steer mid-reply is acknowledged where it
-    arrives and shapes the closing; a cancel ends the turn as cancelled."""
+    """Stream the reply to one turn. A steer mid-reply is acknowledged at the next break
+    between blocks (never inside a list, a paragraph or code) and shapes the closing;
+    a cancel ends the turn as cancelled."""
     async with agent.reply(turn) as reply:
         steers: list[str] = []
+        waiting: list[str] = []  # steers not acknowledged yet
         async for token in tokens(compose_reply(turn.text), token_rate):
             await reply.write(token)  # raises TurnCancelled once a cancel arrives
-            for steer in reply.take_steers():
-                steers.append(steer.text)
-                await reply.write(f"\n\n> Noted: *{steer.text}*. Adjusting as I go.\n\n")
+            waiting += [steer.text for steer in reply.take_steers()]
+            if waiting and _at_block_boundary(reply.text):
+                for text in waiting:
+                    await reply.write(_acknowledgement(text))
+                steers += waiting
+                waiting = []
+        waiting += [steer.text for steer in reply.take_steers()]
+        if waiting:
+            if not reply.text.endswith("\n\n"):
+                await reply.write("\n" if reply.text.endswith("\n") else "\n\n")
+            for text in waiting:
+                await reply.write(_acknowledgement(text))
+            steers += waiting
         for text in steers:
             async for token in tokens(f"\nAs you asked (*{text}*): done.\n", token_rate):
                 await reply.write(token)
