@@ -3,18 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
+import socket
 import sys
 
 from durable_client import Author
 
-from ._launch import DEFAULT_SERVER, LaunchError, data_dir, ensure_agents, ensure_server, is_local
-from .app import ChatApp, ChatConfig, default_user, new_session_id
+from ._launch import (
+    DEFAULT_SERVER,
+    LaunchError,
+    data_dir,
+    ensure_agents,
+    ensure_server,
+    is_local,
+    still_running_note,
+    stop,
+)
+from .app import ChatApp, ChatConfig, default_launcher, new_session_id
+
+
+def default_name() -> str:
+    """Who this terminal is by default: ``$USER``, else the login name the system
+    knows (``getpass.getuser()``), else a name from the host and this process, so
+    that two terminals without ``$USER`` never both show as the same person."""
+    name = os.environ.get("USER")
+    if name:
+        return name
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # no login name in the environment nor in the passwd file
+        name = ""
+    if name:
+        return name
+    host = socket.gethostname().split(".")[0] or "local"
+    return f"{host}-{os.getpid()}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tui_demo",
+        prog=default_launcher(),
         description="Chat in a durable session. Without --server it starts the bundled server "
         "and the demo agent in the background (they keep running when this terminal closes).",
     )
@@ -22,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--server", default=DEFAULT_SERVER, help=f"server URL (default {DEFAULT_SERVER})"
     )
-    parser.add_argument("--name", default=os.environ.get("USER") or "you", help="your display name")
+    parser.add_argument("--name", default=None, help="your display name (default: your login name)")
     parser.add_argument(
         "--agent",
         choices=["demo", "openai", "none"],
@@ -37,7 +65,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--list", action="store_true", help="list the server's recent sessions and exit"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--stop",
+        action="store_true",
+        help="stop the background server and agent host the chat started, and exit",
+    )
+    args = parser.parse_args(argv)
+    if args.name is None:
+        args.name = default_name()
+    elif not args.name.strip():
+        parser.error("--name must not be empty")
+    return args
 
 
 def terminal_label(name: str) -> str:
@@ -49,9 +87,21 @@ def terminal_label(name: str) -> str:
     return f"{name} ({tty})"
 
 
+def stop_command(launcher: str) -> str:
+    """The command that stops what the chat left running, in the launcher's words."""
+    if launcher.endswith("dev.py chat"):
+        return launcher.removesuffix("chat") + "stop"
+    return f"{launcher} --stop"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     home = data_dir()
+    launcher = default_launcher()
+    if args.stop:
+        for line in stop(home):
+            print(f"durable chat: {line}")
+        return
     try:
         ensure_server(args.server, home)
         if args.agent != "none" and is_local(args.server):
@@ -63,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             ensure_agents(args.server, home, extra)
     except LaunchError as exc:
         print(f"durable chat: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     if args.list:
         import asyncio
 
@@ -72,20 +122,21 @@ def main(argv: list[str] | None = None) -> None:
         for entry in asyncio.run(recent(args.server)):
             print(f"{entry.session_id}\t{entry.title}")
         return
-    user = (
-        default_user()
-        if args.name == os.environ.get("USER")
-        else Author.user(f"{args.name}-{os.getpid()}", args.name)
-    )
     config = ChatConfig(
         server=args.server,
         session_id=args.session or new_session_id(),
-        user=user,
+        user=Author.user(f"{args.name}-{os.getpid()}", args.name),
         new=args.session is None,
-        launcher=os.environ.get("DURABLE_CHAT_LAUNCHER", "python -m tui_demo"),
+        launcher=launcher,
         label=terminal_label(args.name),
     )
-    ChatApp(config).run()
+    try:
+        ChatApp(config).run()
+    finally:
+        # The server and agent host outlive this terminal on purpose: say so, and how to stop.
+        note = still_running_note(home, stop_command(launcher))
+        if note is not None:
+            print(note)
 
 
 if __name__ == "__main__":

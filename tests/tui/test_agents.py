@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ import uvicorn
 
 from durable_client import Agent, Author, IncomingTurn, MemoryOffsetStore, Session
 from mock_server.testing import RunningServer, serve
+from tests._await import until
+from tui_demo._index import announce
 from tui_demo._launch import ensure_agents, ensure_server, healthy
 from tui_demo.agents import demo
-from tui_demo.agents.host import run_agent
+from tui_demo.agents.host import ASSISTANT, run_agent
 from tui_demo.agents.openai import ModelConfig, ModelError, completion_tokens
 from tui_demo.agents.openai import answer as model_answer
 
@@ -199,9 +202,9 @@ def test_the_launcher_starts_a_server_and_agents_that_outlive_the_terminal(tmp_p
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     try:
-        assert ensure_server(url, tmp_path) is True
+        assert ensure_server(url, tmp_path, default=url) is True
         assert healthy(url)
-        assert ensure_server(url, tmp_path) is False  # a second terminal finds it
+        assert ensure_server(url, tmp_path, default=url) is False  # a second terminal finds it
         assert ensure_agents(url, tmp_path, []) is True
         pid = int((tmp_path / f"agents-{port}.pid").read_text())
         assert ensure_agents(url, tmp_path, []) is False  # one agent host per server
@@ -212,3 +215,126 @@ def test_the_launcher_starts_a_server_and_agents_that_outlive_the_terminal(tmp_p
         for name in (f"agents-{port}.pid", f"server-{port}.pid"):
             with contextlib.suppress(OSError, ValueError, ProcessLookupError):
                 os.kill(int((tmp_path / name).read_text()), signal.SIGTERM)
+
+
+# --- one reply per turn, across hosts and restarts --------------------------------------
+
+
+def assistant_starts(events: list[dict[str, Any]], turn_id: str) -> int:
+    """How many replies the assistant started in ``turn_id``."""
+    return sum(
+        1
+        for e in events
+        if e["type"] == "turn_start"
+        and e["turn_id"] == turn_id
+        and e["author"]["id"] == "assistant"
+    )
+
+
+async def until_turn_event(server_url: str, session_id: str, kind: str, turn_id: str) -> None:
+    """Long-poll the session until an event of ``kind`` in ``turn_id`` is in it."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        offset = "-1"
+        url = f"{server_url}/v1/stream/sessions/{session_id}"
+        while True:
+            response = await http.get(url, params={"offset": offset, "live": "long-poll"})
+            offset = response.headers["Stream-Next-Offset"]
+            if response.status_code == 200 and any(
+                e["type"] == kind and e.get("turn_id") == turn_id for e in response.json()
+            ):
+                return
+
+
+async def test_two_hosts_racing_on_one_turn_reply_once() -> None:
+    handled: dict[str, list[tuple[str, bool]]] = {"a": [], "b": []}
+
+    async def answer(agent: Agent, turn: IncomingTurn) -> None:
+        await demo.answer(agent, turn, token_rate=400.0)
+
+    def host(name: str) -> asyncio.Task[None]:
+        def record(turn_id: str, answered: bool) -> None:
+            handled[name].append((turn_id, answered))
+
+        return asyncio.create_task(
+            run_agent(server.url, "race", ASSISTANT, answer, MemoryOffsetStore(), on_turn=record)
+        )
+
+    async with serve() as server:
+        async with Session(server.url, "race", author=Author.user("u", "U")) as user:
+            await user.create()
+            hosts = [host("a"), host("b")]  # two hosts, both reading the session from the start
+            try:
+                turns = [(await user.send_message(f"question {i}")).event.turn_id for i in range(3)]
+                # Every host has decided on every turn (answered it, or stood down).
+                await until(lambda: all(len(h) == 3 for h in handled.values()), timeout=30)
+            finally:
+                for task in hosts:
+                    task.cancel()
+                await asyncio.gather(*hosts, return_exceptions=True)
+        events = await session_events(server, "race")
+    for turn_id in turns:
+        assert assistant_starts(events, turn_id) == 1, turn_id
+        # One host answered it, the other stood down.
+        decisions = sorted(a for h in handled.values() for t, a in h if t == turn_id)
+        assert decisions == [False, True]
+    assert [e["reason"] for e in events if e["type"] == "turn_end"] == ["complete"] * 3
+
+
+@contextlib.asynccontextmanager
+async def host_process(
+    server_url: str, state_dir: Path, token_rate: float
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m tui_demo.agents`` against ``server_url`` (killed on exit if still running)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tui_demo.agents",
+        "--server",
+        server_url,
+        "--state-dir",
+        str(state_dir),
+        "--token-rate",
+        str(token_rate),
+        "--no-helper",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_a_restarted_host_without_read_positions_does_not_answer_old_turns(
+    tmp_path: Path,
+) -> None:
+    async with serve() as server:
+        async with Session(server.url, "again", author=Author.user("u", "U")) as user:
+            await user.create()
+            await announce(server.url, "again", title="again", created_by="u")
+            # A host answers a turn and stops cleanly.
+            async with host_process(server.url, tmp_path / "a", 400.0) as first:
+                done = (await user.send_message("first question")).event.turn_id
+                async with asyncio.timeout(30):
+                    await until_turn_event(server.url, "again", "turn_end", done)
+                first.send_signal(signal.SIGTERM)
+                assert await first.wait() == 0
+            # A slow host starts a reply and is killed mid-reply (kill -9: no turn_end).
+            async with host_process(server.url, tmp_path / "b", 2.0) as second:
+                torn = (await user.send_message("second question")).event.turn_id
+                async with asyncio.timeout(30):
+                    await until_turn_event(server.url, "again", "text_delta", torn)
+                second.send_signal(signal.SIGKILL)
+                await second.wait()
+            # A new host with no saved read positions reads the whole session again.
+            async with host_process(server.url, tmp_path / "c", 400.0):
+                new = (await user.send_message("third question")).event.turn_id
+                # Turns are taken in order: once the new one is answered, the host has
+                # passed (and left alone) the two old ones.
+                async with asyncio.timeout(30):
+                    await until_turn_event(server.url, "again", "turn_end", new)
+        events = await session_events(server, "again")
+    assert [assistant_starts(events, t) for t in (done, torn, new)] == [1, 1, 1]
+    assert [e["turn_id"] for e in events if e["type"] == "turn_end"] == [done, new]

@@ -5,6 +5,13 @@ for each session, runs the main agent (demo or an OpenAI-compatible model)
 and, with the demo agent, a helper sub-agent that publishes progress into
 the session itself. Offsets are saved per session, so a restarted host
 resumes where it stopped and answers messages that arrived while it was down.
+
+Each turn is answered once per agent, whatever the number of hosts and
+restarts: before replying, an agent *claims* the turn by creating a stream
+named after (session, agent, turn) on the server. Creating a stream is
+atomic, so of two hosts racing for one turn exactly one is told it created
+the claim; the other stands down. A host that restarts without its read
+positions finds the claims (and the replies) of the turns it answered before.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 import httpx
 
@@ -29,6 +37,7 @@ from durable_client import (
     OffsetStore,
     Session,
 )
+from durable_client.streams import DurableStream
 
 from .._index import follow
 from . import demo
@@ -54,28 +63,75 @@ class HostConfig:
 Answer = Callable[[Agent, IncomingTurn], Awaitable[None]]
 
 
+#: Where the turn claims live: one empty stream per (session, agent, turn).
+CLAIMS_PATH = "/v1/stream/chat-claims/{session}/{agent}/{turn}"
+
+
 def already_answered(agent: Agent, turn: IncomingTurn) -> bool:
-    """Whether this agent's reply to ``turn`` is already in the session (e.g. before a restart)."""
+    """Whether this agent has a reply to ``turn`` in the session already: finished or
+    not (a reply still streaming belongs to a live host, or to one that crashed)."""
     known = agent.transcript.turn(turn.turn_id)
-    reply = known.reply_of(agent.author.id) if known is not None else None
-    return reply is not None and reply.done
+    return known is not None and known.reply_of(agent.author.id) is not None
+
+
+async def claim_turn(server: str, session_id: str, agent_id: str, turn_id: str) -> bool:
+    """Claim the right to answer ``turn_id`` as ``agent_id``; True for exactly one caller.
+
+    The claim is a stream creation. The server creates a path once, so one caller
+    gets "created" and every other (another host, or this agent after a restart)
+    gets "existed". A create retried after its answer was lost carries the same
+    Idempotency-Key and is still told "created".
+    """
+    path = CLAIMS_PATH.format(
+        session=quote(session_id, safe=""),
+        agent=quote(agent_id, safe=""),
+        turn=quote(turn_id, safe=""),
+    )
+    async with DurableStream(server.rstrip("/") + path, content_type="text/plain") as claim:
+        result = await claim.create()
+    return result.created
+
+
+OnTurn = Callable[[str, bool], None]
+"""Told after each turn: its id, and whether this agent answered it (False: stood down)."""
 
 
 async def run_agent(
-    server: str, session_id: str, author: Author, answer: Answer, offsets: OffsetStore
+    server: str,
+    session_id: str,
+    author: Author,
+    answer: Answer,
+    offsets: OffsetStore,
+    *,
+    on_turn: OnTurn | None = None,
 ) -> None:
-    """Answer the turns of one session as ``author``, one at a time, until cancelled."""
+    """Answer the turns of one session as ``author``, one at a time, until cancelled.
+
+    A turn that already has a reply by ``author``, or that another host (or an
+    earlier run) claimed, is left alone: each turn gets one reply per agent.
+    """
     async with (
         Session(server, session_id, author=author) as session,
         Agent(session, start="beginning", offset_store=offsets) as agent,
     ):
         async for turn in agent.turns():
-            if already_answered(agent, turn):
-                continue
+            answered = False
             try:
-                await answer(agent, turn)
+                if not already_answered(agent, turn) and await claim_turn(
+                    server, session_id, author.id, turn.turn_id
+                ):
+                    answered = True
+                    await answer(agent, turn)
+                else:
+                    log.info(
+                        "session %s turn %s: already answered or claimed; not again",
+                        session_id,
+                        turn.turn_id,
+                    )
             except DurableError as exc:  # the turn ended with an error; keep serving
                 log.warning("session %s turn %s: %s", session_id, turn.turn_id, exc)
+            if on_turn is not None:
+                on_turn(turn.turn_id, answered)
 
 
 class AgentHost:
