@@ -236,6 +236,7 @@ class AgentReply:
         self._timer: asyncio.TimerHandle | None = None
         self._index = 0
         self._pending: list[asyncio.Future[PublishAck]] = []
+        self._publishes: list[asyncio.Future[PublishAck]] = []
         self._cancelled = asyncio.Event()
         self.cancel_event: Cancel | None = None
         self.steers: list[Steer] = []
@@ -254,6 +255,26 @@ class AgentReply:
     @property
     def ended(self) -> bool:
         return self._ended is not None
+
+    @property
+    def published(self) -> tuple[PublishAck, ...]:
+        """What this reply published and the session acknowledged, in the order
+        it was published: ``turn_start``, each ``text_delta`` and ``progress``,
+        ``turn_end``. Each ack has the event (``ack.event_id``) and the offset
+        right after it (``ack.offset``; ``None`` for a retry the server
+        recognised as a duplicate). Complete once :meth:`end` has returned (the
+        context manager's exit); an event whose publish failed is left out.
+
+        It is the publish history a history checker needs::
+
+            for ack in reply.published:
+                history.published(ack.event_id, offset=ack.offset)
+        """
+        acks = []
+        for fut in self._publishes:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                acks.append(fut.result())
+        return tuple(acks)
 
     async def wait_cancelled(self) -> Cancel | None:
         """Wait until a cancel for this reply arrives; returns it."""
@@ -469,6 +490,7 @@ class AgentReply:
 
     def _publish(self, event: AnyEvent, *, track: bool = True) -> asyncio.Future[PublishAck]:
         fut = self._session.publish_nowait(event)
+        self._publishes.append(fut)
         if track:
             self._pending.append(fut)
         return fut

@@ -20,6 +20,7 @@ Everything ``durable_client`` raises on purpose derives from
     │   │   └── SequenceGap           409: Producer-Seq skipped ahead (expected/received)
     │   ├── OffsetGone                410: the offset is no longer retained (or soft-deleted)
     │   ├── StreamReplaced            the stream was deleted and re-created since the position
+    │   ├── NoProgress                a reader failed again and again at one offset
     │   ├── BadRequest                400: malformed request, bad offset, bad producer headers
     │   ├── Unauthorized              401
     │   ├── Forbidden                 403 without producer context
@@ -65,6 +66,7 @@ __all__ = [
     "EpochReused",
     "FatalError",
     "Forbidden",
+    "NoProgress",
     "OffsetGone",
     "PayloadTooLarge",
     "PresenceUnavailable",
@@ -270,6 +272,29 @@ class StreamReplaced(FatalError):
         super().__init__(message, url=url, status=status, headers=headers)
         self.expected = expected
         self.actual = actual
+
+
+class NoProgress(FatalError):
+    """A reader reached the server again and again and every connection failed
+    at the same position without delivering anything (a server that cannot
+    serve the stream from there, for example a record it cannot encode).
+    Reconnecting forever would only spin, so the reader stops.
+
+    ``offset`` is where it stood, ``attempts`` how many connections in a row
+    failed there; the last failure is ``__cause__``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        offset: str | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message, url=url)
+        self.offset = offset
+        self.attempts = attempts
 
 
 class BadRequest(FatalError):

@@ -132,17 +132,27 @@ class ReconnectPolicy(RetryPolicy):
 
     ``offline_after`` is the number of consecutive failed attempts after which the
     connection state says ``offline`` rather than ``reconnecting`` (still retrying).
+
+    ``max_no_progress`` bounds a reader that reaches the server but fails at
+    the same position on every connection, delivering nothing: after that
+    many such failures in a row it raises :class:`NoProgress` instead of
+    reconnecting forever (``None``: no bound). Failures to reach the server at
+    all (a refused connection, a timeout, a 429/503 with ``Retry-After``) are
+    an outage, not a stuck reader, and do not count.
     """
 
     initial_delay: float = 0.1
     max_delay: float = 10.0
     max_attempts: int | None = None
     offline_after: int = 3
+    max_no_progress: int | None = 20
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.offline_after < 1:
             raise UsageError("offline_after must be >= 1")
+        if self.max_no_progress is not None and self.max_no_progress < 1:
+            raise UsageError("max_no_progress must be >= 1 or None")
 
 
 class Attempt:

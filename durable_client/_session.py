@@ -114,6 +114,11 @@ class PublishAck:
     offset: str | None
     duplicate: bool
 
+    @property
+    def event_id(self) -> str | None:
+        """The published event's id (what a subscriber sees as ``event.event_id``)."""
+        return self.event.event_id
+
 
 class _DroppableSink:
     """The session's transport as the producer's sink, with each send cuttable."""

@@ -17,7 +17,15 @@ import contextlib
 import json
 import random
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeAlias
 
@@ -30,6 +38,8 @@ from ._errors import (
     BadRequest,
     ClientClosed,
     ConnectError,
+    DurableError,
+    OffsetGone,
     ProtocolViolation,
     RateLimited,
     ServerError,
@@ -720,20 +730,26 @@ class DurableStream:
             catch_up=live in (False, "auto"),
             live=None if live is False else ("long-poll" if live == "long-poll" else "sse"),
             fallback=live == "auto",
+            max_no_progress=getattr(policy, "max_no_progress", None),
             url=self.url,
         )
         retrying = policy.retrying(rng=self._rng, on_retry=on_retry)
         async for attempt in retrying:
-            with attempt:
+            with attempt, _bounded(state):
                 while not state.done:
                     read = state.next_read()
                     if read.mode != "sse":
-                        batch = await self._read_once(
-                            read.offset,
-                            live="long-poll" if read.mode == "long-poll" else False,
-                            cursor=read.cursor if read.mode == "long-poll" else None,
-                            headers=headers,
-                        )
+                        try:
+                            batch = await self._read_once(
+                                read.offset,
+                                live="long-poll" if read.mode == "long-poll" else False,
+                                cursor=read.cursor if read.mode == "long-poll" else None,
+                                headers=headers,
+                            )
+                        except OffsetGone as exc:
+                            if not state.from_earliest(exc):  # a trimmed beginning
+                                raise
+                            continue
                         if state.batch_received(batch):
                             retrying.reset()
                         yield batch
@@ -754,8 +770,25 @@ class DurableStream:
                         if not state.falls_back(exc):
                             raise
                         continue
+                    except OffsetGone as exc:
+                        if not state.from_earliest(exc):  # a trimmed beginning
+                            raise
+                        continue
                     # A clean end (servers recycle SSE connections): again at once.
                     state.connection_ended()
+
+
+@contextlib.contextmanager
+def _bounded(state: HttpReadState) -> Iterator[None]:
+    """A failed read raises what ``state`` makes of it (:class:`NoProgress`
+    once the reader is stuck at one offset), chained to the failure."""
+    try:
+        yield
+    except DurableError as exc:
+        error = state.failure(exc)
+        if error is not exc:
+            raise error from exc
+        raise
 
 
 class StreamSettings(Protocol):

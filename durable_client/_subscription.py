@@ -307,6 +307,7 @@ class Subscription:
             start,
             on_replaced=self.on_replaced,
             dedupe_capacity=self._dedupe_capacity,
+            max_no_progress=getattr(self._session.reconnect, "max_no_progress", None),
             url=self._session.url,
         )
         self.start_position = start

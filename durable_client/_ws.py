@@ -266,7 +266,7 @@ class WebSocketTransport:
     def _on_socket_end(self, socket: Socket) -> None:
         if self._socket is socket:
             self._socket = None
-        if self._presence is not None and not self._closed:
+        if self._presence is not None and not self._closed and not socket.torn_down:
             self._keep_presence()  # presence is a standing intent: come back for it
 
     def drop_connections(self) -> None:

@@ -149,6 +149,12 @@ class Socket:
     def alive(self) -> bool:
         return self.error is None
 
+    @property
+    def torn_down(self) -> bool:
+        """Whether the socket ended because it was closed or its reader cancelled
+        (the program is ending), not because the connection was lost."""
+        return self._closing
+
     def next_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._ids)}"
 
@@ -168,6 +174,13 @@ class Socket:
         except DurableError as exc:
             error = exc
             self.ws.transport.abort()
+        except asyncio.CancelledError:
+            # Cancelled from outside (asyncio.run() ending the program, a task
+            # group failing): the socket is being torn down, not lost, so no
+            # one may reconnect for it; the connection is cut at once.
+            self._closing = True
+            self.ws.transport.abort()
+            raise
         finally:
             if self._closing:
                 error = ClientClosed("the session was closed", url=self.url)

@@ -35,6 +35,13 @@ Rules both readers follow, each written once:
   the position's means the stream was deleted and re-created; its offsets mean
   nothing in the new one. Raise :class:`~durable_client.StreamReplaced`, or
   (``on_replaced="restart"``) start again at the new stream's beginning.
+- **The beginning is what is retained**: a read from ``-1`` refused with 410
+  (a server whose ``-1`` does not skip a trimmed start) starts again at the
+  earliest retained offset the refusal names; a 410 anywhere else raises.
+- **No progress is bounded**: connections that reach the server and fail at
+  one position before delivering anything, ``max_no_progress`` times in a
+  row, raise :class:`~durable_client.NoProgress` (the offset, the last cause)
+  instead of reconnecting forever; failures to reach it at all do not count.
 - **Caught up once**: the last delivery of the first up-to-date batch says so;
   later up-to-date batches do not.
 """
@@ -47,15 +54,20 @@ from typing import Any, Literal, Protocol, TypeAlias
 
 from .._errors import (
     BadRequest,
+    ConnectError,
     ConnectionLost,
     DurableError,
+    NoProgress,
+    OffsetGone,
+    RateLimited,
+    RequestTimeout,
     StreamReplaced,
     UnexpectedStatus,
     UsageError,
 )
 from .._events import AnyEvent, parse_event
 from .._offsets import EventIdDeduper, Position, ResumeTracker
-from .._protocol import STREAM_INCARNATION
+from .._protocol import OFFSET_BEGINNING, OFFSET_NOW, STREAM_INCARNATION, STREAM_NEXT_OFFSET
 from .reconnect import is_retryable
 
 __all__ = [
@@ -72,7 +84,9 @@ __all__ = [
     "ResumeAt",
     "SessionBatch",
     "SubscriptionState",
+    "earliest_retained",
     "ended_before_data",
+    "reached_the_server",
     "sse_refused",
 ]
 
@@ -84,6 +98,7 @@ OnReplaced: TypeAlias = Literal["raise", "restart"]
 ReadMode: TypeAlias = Literal["catch-up", "sse", "long-poll"]
 
 _INCARNATION = STREAM_INCARNATION.lower()
+_NEXT_OFFSET = STREAM_NEXT_OFFSET.lower()
 
 
 # --- the rules -----------------------------------------------------------------
@@ -98,6 +113,37 @@ def sse_refused(error: BaseException, *, got_any: bool) -> bool:
         isinstance(error, BadRequest | UnexpectedStatus)
         and not got_any
         and _INCARNATION not in error.headers
+    )
+
+
+def reached_the_server(error: BaseException) -> bool:
+    """Whether ``error`` ended a connection the server took (so a failure
+    there says something about the read), rather than an outage: a refused or
+    timed-out connection, or a server that said when to come back
+    (429, or a 5xx with ``Retry-After``)."""
+    if isinstance(error, ConnectError | RequestTimeout | RateLimited):
+        return False
+    return getattr(error, "retry_after", None) is None
+
+
+def earliest_retained(error: BaseException) -> str | None:
+    """The earliest retained offset a 410 names (``Stream-Next-Offset``), if it
+    is one: where "the beginning" of a trimmed stream is."""
+    if not isinstance(error, OffsetGone):
+        return None
+    earliest = error.headers.get(_NEXT_OFFSET)
+    if not earliest or earliest in (OFFSET_BEGINNING, OFFSET_NOW):
+        return None
+    return earliest
+
+
+def _no_progress(offset: str, attempts: int, error: DurableError, url: str | None) -> NoProgress:
+    return NoProgress(
+        f"the read cannot make progress at offset {offset}: {attempts} connections"
+        f" in a row failed there before delivering anything (last: {error})",
+        url=url,
+        offset=offset,
+        attempts=attempts,
     )
 
 
@@ -149,11 +195,15 @@ class HttpReadState:
         fallback: on an SSE refusal (:func:`sse_refused`), read with long-poll
             from then on (else the refusal is raised).
         cursor: the server's cursor from an earlier read, if any.
+        max_no_progress: after this many failed reads in a row that reached
+            the server, with no successful answer between them, the failure
+            becomes :class:`~durable_client.NoProgress` (``None``: never).
         url: for the errors it raises.
 
     Feed it with :meth:`batch_received` for every answer, :meth:`falls_back`
     when an SSE request fails, :meth:`connection_ended` when an SSE response
-    ends; read :meth:`next_read` and :attr:`done`.
+    ends, :meth:`failure` when a read fails; read :meth:`next_read` and
+    :attr:`done`.
     """
 
     def __init__(
@@ -164,10 +214,14 @@ class HttpReadState:
         live: Literal["sse", "long-poll"] | None = "sse",
         fallback: bool = False,
         cursor: str | None = None,
+        max_no_progress: int | None = None,
         url: str | None = None,
     ) -> None:
         if not catch_up and live is None:
             raise UsageError("a read that does not catch up must read live")
+        self.max_no_progress = max_no_progress
+        #: Failed reads in a row that reached the server (see :meth:`failure`).
+        self.no_progress = 0
         self.offset = offset
         self.cursor = cursor
         self.mode: ReadMode = "catch-up" if catch_up else (live or "sse")
@@ -207,7 +261,12 @@ class HttpReadState:
         progressed = batch.offset != start or bool(batch.data)
         if batch.closed:
             self.done = True
+            self.no_progress = 0
             return True
+        if self.mode == "long-poll" and not progressed and batch.status != 204:
+            self._stalled = True
+            return False
+        self.no_progress = 0
         if self.mode == "catch-up":
             if batch.up_to_date or not progressed:
                 if self.live is None:
@@ -215,9 +274,35 @@ class HttpReadState:
                 else:
                     self.mode = self.live
             return True
-        if self.mode == "long-poll" and not progressed and batch.status != 204:
-            self._stalled = True
+        return True
+
+    def failure(self, error: DurableError) -> DurableError:
+        """A read failed with ``error``: the error to raise for it.
+
+        ``error`` itself, or :class:`NoProgress` (its cause ``error``) once
+        ``max_no_progress`` reads in a row reached the server and failed at
+        :attr:`offset` with no successful answer between them (see
+        :func:`reached_the_server`: an outage does not count).
+        """
+        if not is_retryable(error) or not reached_the_server(error):
+            return error
+        self.no_progress += 1
+        if self.max_no_progress is None or self.no_progress < self.max_no_progress:
+            return error
+        stuck = _no_progress(self.offset, self.no_progress, error, self.url)
+        stuck.__cause__ = error
+        return stuck
+
+    def from_earliest(self, error: BaseException) -> bool:
+        """Whether the reader goes on at the earliest retained offset after
+        ``error`` refused a read from the beginning (``-1``, nothing read yet)
+        with 410 (see :func:`earliest_retained`); the next read is from there."""
+        if self._got_any or self.offset != OFFSET_BEGINNING:
             return False
+        earliest = earliest_retained(error)
+        if earliest is None:
+            return False
+        self.offset = earliest
         return True
 
     def falls_back(self, error: BaseException) -> bool:
@@ -278,8 +363,9 @@ class Deliver:
 
 @dataclass(frozen=True, slots=True)
 class Restart:
-    """The stream was replaced: stand at ``position`` (the new stream's
-    beginning) and read from there now, dropping this connection."""
+    """Stand at ``position`` and read from there now, dropping this connection:
+    the stream was replaced (``position`` is the new stream's beginning), or
+    its beginning was trimmed (``position`` is its earliest retained offset)."""
 
     position: Position
 
@@ -311,6 +397,9 @@ class SubscriptionState:
         start: the position to start at (resolved: a real offset or ``-1``).
         on_replaced: ``"raise"`` or ``"restart"`` (see the module docstring).
         dedupe_capacity: how many event ids to remember to drop duplicates.
+        max_no_progress: after this many connections in a row that reached the
+            server and failed at one position before any batch, fail with
+            :class:`~durable_client.NoProgress` (``None``: never).
         url: for the errors it makes.
 
     Per connection: :meth:`connect` (where to read from), then
@@ -324,9 +413,14 @@ class SubscriptionState:
         *,
         on_replaced: OnReplaced = "raise",
         dedupe_capacity: int = 10_000,
+        max_no_progress: int | None = None,
         url: str | None = None,
     ) -> None:
         self.on_replaced: OnReplaced = on_replaced
+        self.max_no_progress = max_no_progress
+        #: Connections in a row that reached the server and failed before any
+        #: batch, all at :attr:`position` (see :meth:`failure`).
+        self.no_progress = 0
         self.url = url
         self._tracker = ResumeTracker(start)
         self._dedupe_capacity = dedupe_capacity
@@ -359,6 +453,7 @@ class SubscriptionState:
         out: list[Connected | Deliver | Restart | End] = []
         if not self._got_any:
             self._got_any = True
+            self.no_progress = 0
             out.append(Connected())
         if batch.incarnation is not None:
             known = self.position.incarnation
@@ -379,13 +474,26 @@ class SubscriptionState:
     def connection_ended(self) -> None:
         """The connection ended without an error: the next one resumes at once.
 
-        Raises :class:`ConnectionLost` if it ended before any data.
+        Raises :class:`ConnectionLost` if it ended before any data, or
+        :class:`NoProgress` (chained to it) once that was the
+        ``max_no_progress``-th failure in a row at this position.
         """
         if not self._got_any:
-            raise ended_before_data(self.url)
+            lost = ended_before_data(self.url)
+            stuck = self._stuck(lost)
+            if stuck is not None:
+                raise stuck from lost
+            raise lost
 
     def failure(self, error: DurableError) -> ResumeAt | Restart | Fail:
-        """The connection failed with ``error``: resume, restart, or stop."""
+        """The connection failed with ``error``: resume, restart, or stop.
+
+        **No progress is bounded**: a connection that reached the server
+        (:func:`reached_the_server`) and failed before any batch, at the same
+        position as the ones before it, counts; the ``max_no_progress``-th in a
+        row fails with :class:`NoProgress` naming the offset and ``error``. A
+        batch received starts the count again; an outage does not count.
+        """
         if isinstance(error, BadRequest):
             # A server that tracks incarnations refuses an offset of an earlier
             # one (400) and says which incarnation it has now.
@@ -396,9 +504,47 @@ class SubscriptionState:
                     return self._replaced(known, actual)
                 except StreamReplaced as replaced:
                     return Fail(replaced)
+        if isinstance(error, OffsetGone):
+            earliest = self._earliest_retained(error)
+            if earliest is not None:
+                return Restart(self.position)
         if is_retryable(error):
+            stuck = None if self._got_any else self._stuck(error)
+            if stuck is not None:
+                stuck.__cause__ = error
+                return Fail(stuck)
             return ResumeAt(self.position)
         return Fail(error)
+
+    def _stuck(self, error: DurableError) -> NoProgress | None:
+        """Count a connection that failed before any batch; the error once the
+        bound is reached."""
+        if not reached_the_server(error):
+            return None
+        self.no_progress += 1
+        limit = self.max_no_progress
+        if limit is None or self.no_progress < limit:
+            return None
+        return _no_progress(self.position.offset, self.no_progress, error, self.url)
+
+    def _earliest_retained(self, error: OffsetGone) -> Position | None:
+        """Where "the beginning" is once the stream's start was trimmed away.
+
+        A read from the beginning (``-1``, nothing read yet) that gets a 410
+        naming the earliest retained offset (``Stream-Next-Offset``) starts
+        there: the beginning of a trimmed stream is what it retains, as the
+        protocol's ``-1`` means. Any other position refused with 410 is events
+        missed, and raises."""
+        position = self.position
+        if position.offset != OFFSET_BEGINNING or position.skip or self._got_any:
+            return None
+        earliest = earliest_retained(error)
+        if earliest is None:
+            return None
+        incarnation = position.incarnation or error.headers.get(_INCARNATION)
+        self._tracker = ResumeTracker(Position(earliest, 0, incarnation))
+        self.no_progress = 0
+        return self.position
 
     def _replaced(self, expected: str, actual: str) -> Restart:
         if self.on_replaced == "raise":

@@ -39,7 +39,8 @@ def test_the_pytest_example_passes(tmp_path: Path) -> None:
     result = subprocess.run(
         [
             sys.executable, "-m", "pytest", str(tmp_path), *plugin,
-            "-o", "asyncio_mode=auto", "-o", "asyncio_default_fixture_loop_scope=function",
+            # No asyncio_mode: a user's project may not set it, and the example
+            # must pass in pytest-asyncio's default (strict) mode too.
             "-p", "no:cacheprovider", "-q", "--rootdir", str(tmp_path),
         ],
         capture_output=True,

@@ -10,6 +10,7 @@ import pytest
 
 from durable_client import (
     Agent,
+    AgentReply,
     AnyEvent,
     Author,
     EndReason,
@@ -379,3 +380,51 @@ async def test_user_messages_by_the_agent_itself_are_not_turns(
         await user.send_message("real")
         turn = await anext(aiter(agent.turns()))
         assert turn.text == "real"
+
+
+async def test_a_reply_records_what_it_published_for_a_history_checker(
+    user: Session, server_url: str
+) -> None:
+    from mock_server.chaos import HistoryRecorder
+
+    replies: list[AgentReply] = []
+
+    async def answer(agent: Agent, turn: IncomingTurn) -> None:
+        async with agent.reply(turn) as reply:
+            replies.append(reply)
+            for i in range(20):
+                await reply.write(f"w{i} ")  # no rollup window: one delta each
+            await reply.progress("search", message="done")
+
+    async with (
+        running_agent(server_url, user.session_id, answer, rollup_window=0),
+        user.subscribe() as events,
+    ):
+        await user.send_message("hello")
+        seen: list[tuple[AnyEvent, str]] = []
+        async with asyncio.timeout(10):
+            async for event in events:
+                assert events.position is not None
+                seen.append((event, events.position.offset))
+                if is_end(event):
+                    break
+    (reply,) = replies
+    published = reply.published
+    kinds = [type(ack.event).__name__ for ack in published]
+    assert kinds[0] == "TurnStart"
+    assert kinds[-1] == "TurnEnd"
+    assert kinds.count("TextDelta") >= 2
+    assert "Progress" in kinds
+    assert all(ack.event_id and ack.offset for ack in published)
+    offsets = [ack.offset for ack in published]
+    assert offsets == sorted(offsets)  # type: ignore[type-var]
+    history = HistoryRecorder()
+    for ack in published:
+        history.published(ack.event_id or "", offset=ack.offset)
+    from_agent = [(e, offset) for e, offset in seen if e.author.id == "bot"]
+    for event, _ in from_agent:
+        history.seen("ann", event.event_id or "")
+    report = history.assert_ok()
+    assert report.published == len(published) == len(from_agent)
+    # The acknowledged offset of the last event is where the subscriber stood after it.
+    assert published[-1].offset == from_agent[-1][1]

@@ -16,13 +16,20 @@ import pytest
 from durable_client import (
     Author,
     BadRequest,
+    ConnectError,
     ConnectionLost,
+    DurableError,
+    NoProgress,
     OffsetGone,
     Position,
     ProtocolViolation,
+    RateLimited,
+    ReconnectPolicy,
+    RequestTimeout,
     ServerError,
     StreamReplaced,
     UnexpectedStatus,
+    UsageError,
     UserMessage,
 )
 from durable_client._core.subscription import (
@@ -415,3 +422,173 @@ def test_a_long_poll_answer_without_progress_is_one_failure_then_the_same_read()
 )
 def test_what_counts_as_a_refusal_of_sse(error: Any, got_any: bool, refused: bool) -> None:
     assert sse_refused(error, got_any=got_any) is refused
+
+
+# --- no progress is bounded ----------------------------------------------------------
+
+
+def _one_batch() -> Batch:
+    return Batch((msg(0),), "-1", "o_1", up_to_date=True)
+
+
+def test_a_reader_failing_at_one_offset_stops_after_the_bound() -> None:
+    state = SubscriptionState(Position.beginning(), max_no_progress=3)
+    state.connect()
+    state.batch_received(_one_batch())
+    state.connection_ended()  # a live read ended after data: fine
+    decisions = []
+    for _ in range(3):
+        state.connect()
+        decisions.append(state.failure(ServerError("cannot encode", status=500)))
+    assert decisions[:2] == [ResumeAt(Position("o_1")), ResumeAt(Position("o_1"))]
+    fail = decisions[2]
+    assert isinstance(fail, Fail)
+    assert isinstance(fail.error, NoProgress)
+    assert fail.error.offset == "o_1"
+    assert fail.error.attempts == 3
+    assert "o_1" in str(fail.error)
+    assert "cannot encode" in str(fail.error)
+    assert isinstance(fail.error.__cause__, ServerError)
+
+
+def test_a_batch_starts_the_no_progress_count_again() -> None:
+    state = SubscriptionState(Position.beginning(), max_no_progress=2)
+    state.connect()
+    assert isinstance(state.failure(ConnectionLost("cut")), ResumeAt)
+    state.connect()
+    state.batch_received(_one_batch())  # delivered: the reader is not stuck
+    assert isinstance(state.failure(ConnectionLost("cut")), ResumeAt)
+    state.connect()
+    assert isinstance(state.failure(ConnectionLost("cut")), ResumeAt)
+    state.connect()
+    assert isinstance(state.failure(ConnectionLost("cut")), Fail)
+
+
+def test_connections_that_end_before_data_count_as_no_progress() -> None:
+    state = SubscriptionState(Position("o_1"), max_no_progress=2)
+    state.connect()
+    with pytest.raises(ConnectionLost):
+        state.connection_ended()
+    state.connect()
+    with pytest.raises(NoProgress) as raised:
+        state.connection_ended()
+    assert raised.value.offset == "o_1"
+
+
+@pytest.mark.parametrize(
+    "outage",
+    [
+        ConnectError("refused"),
+        RequestTimeout("connect timeout"),
+        RateLimited("slow down", status=429),
+        ServerError("restarting", status=503, retry_after=2),
+    ],
+)
+def test_an_outage_is_not_a_stuck_reader(outage: DurableError) -> None:
+    state = SubscriptionState(Position("o_1"), max_no_progress=1)
+    for _ in range(50):
+        state.connect()
+        assert state.failure(outage) == ResumeAt(Position("o_1"))
+    assert state.no_progress == 0
+
+
+def test_without_a_bound_a_reader_retries_forever() -> None:
+    state = SubscriptionState(Position("o_1"))
+    for _ in range(1000):
+        state.connect()
+        assert isinstance(state.failure(ServerError("x", status=500)), ResumeAt)
+
+
+def test_the_reconnect_policy_bounds_no_progress_by_default() -> None:
+    assert ReconnectPolicy().max_no_progress == 20
+    assert ReconnectPolicy(max_no_progress=None).max_no_progress is None
+    with pytest.raises(UsageError):
+        ReconnectPolicy(max_no_progress=0)
+
+
+# --- the beginning of a trimmed stream ------------------------------------------------
+
+
+def _gone(next_offset: str | None) -> OffsetGone:
+    headers = {"stream-next-offset": next_offset} if next_offset else {}
+    return OffsetGone("not retained", status=410, headers=headers)
+
+
+def test_reading_from_the_beginning_of_a_trimmed_stream_starts_at_the_earliest_retained() -> None:
+    state = SubscriptionState(Position.beginning())
+    state.connect()
+    assert state.failure(_gone("o_2")) == Restart(Position("o_2"))
+    assert state.connect() == Position("o_2")
+    deliveries = state.batch_received(Batch((msg(5),), "o_2", "o_3", up_to_date=True))
+    assert [d.event.text for d in deliveries if isinstance(d, Deliver) and d.event] == ["m5"]
+
+
+@pytest.mark.parametrize(
+    ("start", "error"),
+    [
+        (Position("o_1"), _gone("o_2")),  # a real offset: events were missed, say so
+        (Position("-1", skip=1), _gone("o_2")),
+        (Position.beginning(), _gone(None)),  # nowhere named to start
+    ],
+)
+def test_any_other_offset_gone_is_raised(start: Position, error: OffsetGone) -> None:
+    state = SubscriptionState(start)
+    state.connect()
+    assert state.failure(error) == Fail(error)
+
+
+def test_follow_stops_after_the_bound_of_failed_reads_at_one_offset() -> None:
+    state = HttpReadState("-1", live="sse", max_no_progress=3)
+    state.next_read()
+    assert state.batch_received(Read("o_1", b"[1]", up_to_date=True))
+    failures = []
+    for _ in range(3):
+        assert state.next_read() == NextRead("sse", "o_1", None)
+        failures.append(state.failure(ServerError("cannot encode", status=500)))
+    assert all(isinstance(f, ServerError) for f in failures[:2])
+    stuck = failures[2]
+    assert isinstance(stuck, NoProgress)
+    assert stuck.offset == "o_1"
+    assert isinstance(stuck.__cause__, ServerError)
+
+
+def test_follow_counts_again_after_a_successful_read_and_not_for_an_outage() -> None:
+    state = HttpReadState("o_1", live="long-poll", catch_up=False, max_no_progress=2)
+    lost = ConnectionLost("cut")
+    assert state.failure(lost) is lost
+    state.next_read()
+    assert state.batch_received(Read("o_1", status=204))  # a long-poll timing out: fine
+    assert state.failure(lost) is lost
+    refused = ConnectError("refused")
+    for _ in range(10):
+        assert state.failure(refused) is refused
+    assert isinstance(state.failure(lost), NoProgress)
+
+
+def test_a_long_poll_that_never_progresses_is_bounded_too() -> None:
+    state = HttpReadState("o_1", live="long-poll", catch_up=False, max_no_progress=2)
+    errors = []
+    for _ in range(2):
+        state.next_read()
+        assert not state.batch_received(Read("o_1"))  # 200, no data, same offset
+        with pytest.raises(ConnectionLost) as raised:
+            state.next_read()
+        errors.append(state.failure(raised.value))
+    assert isinstance(errors[0], ConnectionLost)
+    assert isinstance(errors[1], NoProgress)
+
+
+def test_follow_from_the_beginning_of_a_trimmed_stream_reads_from_the_earliest_retained() -> None:
+    state = HttpReadState("-1", live="sse")
+    assert state.next_read().offset == "-1"
+    assert state.from_earliest(_gone("o_2"))
+    assert state.next_read() == NextRead("catch-up", "o_2", None)
+    assert state.batch_received(Read("o_3", b"[5]", up_to_date=True))
+    assert not state.from_earliest(_gone("o_3"))  # from a real offset: events were missed
+
+
+def test_follow_raises_a_410_that_names_no_earliest_offset() -> None:
+    state = HttpReadState("-1", live="sse")
+    state.next_read()
+    assert not state.from_earliest(_gone(None))
+    assert not state.from_earliest(ServerError("x", status=500))
