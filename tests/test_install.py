@@ -57,7 +57,7 @@ def test_the_pytest_plugin_imports_without_the_server() -> None:
         """
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['mock_server.chaos.pytest_plugin']"
+    assert result.stdout.strip() == "['mock_server._lazy', 'mock_server.chaos.pytest_plugin']"
 
 
 def test_a_users_pytest_runs_with_the_sdk_alone(tmp_path: Path) -> None:
