@@ -22,7 +22,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote_to_bytes, urlsplit
@@ -31,7 +31,7 @@ from durable_client import wire as P
 from durable_client.wire import WS_PATH
 
 from ._asgi import App, Message, Receive, Scope, Send
-from ._model import StreamState, parse_rfc3339
+from ._model import Record, StreamState, parse_rfc3339
 from ._store import (
     AppendRequest,
     AppendResult,
@@ -111,13 +111,39 @@ _COMMON_HEADERS: list[tuple[bytes, bytes]] = [
 CACHEABLE = "public, max-age=60, stale-while-revalidate=300"
 
 
+SLOW_READER_TIMEOUT = 10.0
+"""Seconds a response may go without its reader taking a byte before the connection
+is aborted (``_http_protocol``), when neither the config nor the WebSocket endpoint
+says otherwise."""
+
+SLOW_READER_STATE = "mock_server.slow_reader_timeout"
+"""The lifespan-state key that tells the HTTP protocol the slow-reader timeout."""
+
+SSE_SEND_BYTES = 64 * 1024
+"""What one ``send`` of an SSE response carries, about: events are cut to
+``SSE_TEXT_PIECE``/``SSE_BINARY_PIECE`` bytes of payload and grouped up to this."""
+
+SSE_TEXT_PIECE = 16 * 1024
+"""Text payload bytes per ``data`` event: at most 96 KiB on the wire (every byte a
+line break, each its own ``data:`` line), usually about as many bytes as it carries."""
+
+SSE_BINARY_PIECE = 48 * 1024
+"""Binary payload bytes per ``data`` event: 64 KiB of base64."""
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    """Tunables of the HTTP front end."""
+    """Tunables of the HTTP front end.
+
+    ``slow_reader_timeout``: a response whose reader takes no byte for this long
+    is aborted; None means the WebSocket endpoint's ``slow_consumer_timeout``
+    (one setting for both), or ``SLOW_READER_TIMEOUT`` without one.
+    """
 
     long_poll_timeout: float = 30.0
     max_body_bytes: int = 16 * 1024 * 1024
     sse_max_duration: float = 60.0
+    slow_reader_timeout: float | None = None
 
 
 class _BodyTooLarge(Exception):
@@ -260,6 +286,68 @@ def sse_data(content_type: str, payload: bytes) -> bytes:
     return sse_event("data", base64.b64encode(payload).decode())
 
 
+def _sse_data_events(content_type: str, records: Sequence[Record]) -> Iterator[bytes]:
+    """The ``data`` events of a read, each of at most one piece of payload.
+
+    A reader joins a read's data events before its control event, so a record may
+    be cut anywhere but inside a UTF-8 sequence or between a CR and its LF. A JSON
+    stream's events are arrays of whole records: one record larger than a piece
+    is one event.
+    """
+    if not records:
+        return
+    if P.is_json(content_type):
+        group: list[bytes] = []
+        size = 0
+        for record in records:
+            group.append(record.data)
+            size += len(record.data)
+            if size >= SSE_TEXT_PIECE:
+                yield sse_event("data", (b"[" + b",".join(group) + b"]").decode("utf-8"))
+                group, size = [], 0
+        if group:
+            yield sse_event("data", (b"[" + b",".join(group) + b"]").decode("utf-8"))
+        return
+    binary = not P.is_text_compatible(content_type)
+    piece = SSE_BINARY_PIECE if binary else SSE_TEXT_PIECE
+
+    def encode(chunk: bytes | bytearray) -> bytes:
+        if binary:
+            return sse_event("data", base64.b64encode(chunk).decode())
+        return sse_event("data", chunk.decode("utf-8"))
+
+    buffer = bytearray()
+    for record in records:
+        data = memoryview(record.data)
+        start = 0
+        while start < len(data):
+            take = min(piece - len(buffer), len(data) - start)
+            buffer += data[start : start + take]
+            start += take
+            if len(buffer) >= piece:
+                cut = len(buffer) if binary else _text_cut(buffer)
+                yield encode(buffer[:cut])
+                del buffer[:cut]
+    if buffer:
+        yield encode(buffer)
+
+
+def _text_cut(buffer: bytearray) -> int:
+    """Where a piece of UTF-8 text may end: not inside a character, not after a CR
+    (its LF may follow: split, the pair would become two line breaks)."""
+    cut = len(buffer)
+    for back in range(1, min(4, cut) + 1):
+        byte = buffer[cut - back]
+        if byte & 0xC0 != 0x80:  # ASCII or the first byte of a sequence
+            width = 1 if byte < 0x80 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            if width > back:  # incomplete: it goes to the next piece
+                cut -= back
+            break
+    if cut > 1 and buffer[cut - 1] == 0x0D:
+        cut -= 1
+    return cut
+
+
 def sse_control(next_offset: str, *, up_to_date: bool, closed: bool, cursor: str) -> bytes:
     """The ``control`` event after a read: where to resume, and the stream's state."""
     data: dict[str, Any] = {P.SSE_NEXT_OFFSET: next_offset}
@@ -303,12 +391,23 @@ class DurableStreamsApp:
             else:  # before accept: the handshake is refused with 403
                 await send({"type": "websocket.close", "code": 1008, "reason": "no WebSocket here"})
         elif kind == "lifespan":
-            await self._lifespan(receive, send)
+            await self._lifespan(scope, receive, send)
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
+    def slow_reader_timeout(self) -> float:
+        """Seconds a response may go without its reader taking a byte (``ServerConfig``)."""
+        if self.config.slow_reader_timeout is not None:
+            return self.config.slow_reader_timeout
+        websocket_config = getattr(self.websocket_handler, "config", None)
+        timeout = getattr(websocket_config, "slow_consumer_timeout", None)
+        return float(timeout) if isinstance(timeout, int | float) else SLOW_READER_TIMEOUT
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                state = scope.get("state")
+                if isinstance(state, dict):  # the HTTP protocol reads it (_http_protocol)
+                    state[SLOW_READER_STATE] = self.slow_reader_timeout()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.begin_shutdown()
@@ -674,17 +773,20 @@ class DurableStreamsApp:
         self, req: Request, send: Send, state: StreamState, position: int, cursor: str | None
     ) -> None:
         binary = not P.is_text_compatible(state.content_type)
+        # Set when the client goes (or is aborted as a slow reader): the tail stops.
+        disconnected = asyncio.Event()
         tail = self.store.tail(
             state,
             position,
             until=time.monotonic() + self.config.sse_max_duration,
             idle=self.config.long_poll_timeout,  # an idle tail sends a control event as often
-            stop=(self.shutting_down,),
+            stop=(self.shutting_down, disconnected),
         )
         async with contextlib.aclosing(tail) as results:
             # The first read comes before the head: a stream SSE cannot carry from
             # here gets its refusal as a status, not as a response that ends at once.
-            first = self._sse_chunk(state, await anext(results), cursor)
+            first = await anext(results)
+            self._check_sse_text(state, first)
             headers = [
                 (b"content-type", b"text/event-stream"),
                 (b"cache-control", b"no-cache"),
@@ -700,7 +802,6 @@ class DurableStreamsApp:
                     "headers": [*_COMMON_HEADERS, *headers],
                 }
             )
-            disconnected = asyncio.Event()
 
             async def watch_disconnect() -> None:
                 while (await req.receive())["type"] != "http.disconnect":
@@ -716,50 +817,74 @@ class DurableStreamsApp:
         if not disconnected.is_set():
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    def _sse_chunk(self, state: StreamState, result: ReadResult, cursor: str | None) -> bytes:
-        """One read of the tail as SSE: its data event (if any), then its control event.
-
-        409 if the data is not UTF-8 on a text stream (stored by an older server that
-        did not check appends): SSE can only carry it as text; a catch-up GET can.
-        """
-        chunk = b""
-        if result.records:
+    @staticmethod
+    def _check_sse_text(state: StreamState, result: ReadResult) -> None:
+        """409 if a record is not UTF-8 on a text stream (stored by an older server that
+        did not check appends): SSE can only carry it as text; a catch-up GET can."""
+        if not P.is_text_compatible(state.content_type):
+            return
+        for record in result.records:
             try:
-                chunk += sse_data(state.content_type, self._payload(state, result))
+                record.data.decode("utf-8")
             except UnicodeDecodeError:
-                start = state.offset(result.records[0].end - len(result.records[0].data))
+                start = state.offset(record.end - len(record.data))
                 raise ProtocolError(
                     409,
                     f"the stream's data after offset {start} is not valid UTF-8, so SSE cannot"
                     f" carry it as {P.media_type(state.content_type)} text; read it with a"
                     " catch-up GET (no live=sse)",
                 ) from None
-        return chunk + sse_control(
-            result.next_offset,
-            up_to_date=result.up_to_date,
-            closed=result.closed,
-            cursor=cursor_for(cursor),
+
+    def _sse_sends(
+        self, state: StreamState, result: ReadResult, cursor: str | None
+    ) -> Iterator[bytes]:
+        """One read of the tail as SSE, in ``send``s of about ``SSE_SEND_BYTES``: its
+        data events (a read of 1 MiB is many), then its control event in the last."""
+        batch: list[bytes] = []
+        size = 0
+        for event in _sse_data_events(state.content_type, result.records):
+            batch.append(event)
+            size += len(event)
+            if size >= SSE_SEND_BYTES:
+                yield b"".join(batch)
+                batch, size = [], 0
+        batch.append(
+            sse_control(
+                result.next_offset,
+                up_to_date=result.up_to_date,
+                closed=result.closed,
+                cursor=cursor_for(cursor),
+            )
         )
+        yield b"".join(batch)
 
     async def _sse_events(
         self,
         send: Send,
         state: StreamState,
-        first: bytes,
+        first: ReadResult,
         results: AsyncIterator[ReadResult],
         cursor: str | None,
         disconnected: asyncio.Event,
     ) -> None:
-        """The events of one SSE response: the first read's, then each read of the tail."""
+        """The events of one SSE response: the first read's, then each read of the tail.
+
+        Each ``send`` waits while the transport's buffer is full, so a slow reader
+        holds at most that buffer and one send; one that takes nothing is aborted by
+        the protocol (``_http_protocol``), which ends the response here.
+        """
         try:
-            chunk = first
-            while True:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            result: ReadResult | None = first
+            while result is not None:
+                for body in self._sse_sends(state, result, cursor):
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    # A send to a gone client returns at once: let the watcher see it,
+                    # and let other connections run between the sends of a backlog.
+                    await asyncio.sleep(0)
+                    if disconnected.is_set():
+                        return
                 result = await anext(results, None)
-                if result is None or disconnected.is_set():
-                    return
-                chunk = self._sse_chunk(state, result, cursor)
-        except ProtocolError:
+        except (ProtocolError, UnicodeDecodeError):
             # Deleted under us, or data SSE cannot carry: end the response; the
             # reconnect is told why (404/410/409).
             return
