@@ -85,6 +85,35 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="close a WebSocket whose pong is this late (default 5)",
     )
     parser.add_argument(
+        "--ws-slow-consumer-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a WebSocket (4008), or reset an HTTP response, that takes nothing"
+        " for this long (default 10)",
+    )
+    parser.add_argument(
+        "--ws-max-queued-bytes",
+        type=int,
+        default=1024 * 1024,
+        metavar="BYTES",
+        help="data bytes queued per WebSocket before delivery waits (default 1 MiB)",
+    )
+    parser.add_argument(
+        "--ws-frame-rate",
+        type=float,
+        default=1000.0,
+        metavar="PER_SECOND",
+        help="client frames per second per WebSocket; more get 429 (default 1000)",
+    )
+    parser.add_argument(
+        "--ws-frame-burst",
+        type=int,
+        default=500,
+        metavar="FRAMES",
+        help="client frames a WebSocket may send at once (default 500)",
+    )
+    parser.add_argument(
         "--presence-grace",
         type=float,
         default=3.0,
@@ -113,7 +142,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         parser.error(f"--port must be 0 to 65535 (0 picks a free one), not {args.port}")
     if args.long_poll_timeout <= 0:
         parser.error("--long-poll-timeout must be positive")
-    for option in ("max_body_bytes", "sse_max_duration"):
+    for option in (
+        "max_body_bytes",
+        "sse_max_duration",
+        "ws_slow_consumer_timeout",
+        "ws_max_queued_bytes",
+        "ws_frame_rate",
+        "ws_frame_burst",
+    ):
         if getattr(args, option) <= 0:
             parser.error(f"--{option.replace('_', '-')} must be positive")
     for option in ("ws_ping_interval", "ws_ping_timeout", "presence_grace"):
@@ -141,6 +177,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         websocket=not args.no_websocket,
         ws_ping_interval=args.ws_ping_interval,
         ws_ping_timeout=args.ws_ping_timeout,
+        ws_slow_consumer_timeout=args.ws_slow_consumer_timeout,
+        ws_max_queued_bytes=args.ws_max_queued_bytes,
+        ws_frame_rate=args.ws_frame_rate,
+        ws_frame_burst=args.ws_frame_burst,
         presence_grace=args.presence_grace,
         log_level=args.log_level,
         chaos=args.chaos,

@@ -40,7 +40,10 @@ class Settings:
     ws_ping_timeout: float = 5.0
     ws_max_frame_bytes: int = 1024 * 1024
     ws_max_queued_frames: int = 256
+    ws_max_queued_bytes: int = 1024 * 1024
     ws_slow_consumer_timeout: float = 10.0
+    ws_frame_rate: float = 1000.0  # client frames a socket may send per second, sustained
+    ws_frame_burst: int = 500  # ... and at once
     presence_grace: float = 3.0
     log_level: str = "info"
     chaos: bool = False  # fault middleware and its admin endpoint (/_chaos/...)
@@ -67,7 +70,10 @@ def build_app(settings: Settings) -> DurableStreamsApp:
             WebSocketConfig(
                 max_body_bytes=settings.max_body_bytes,
                 max_queued_frames=settings.ws_max_queued_frames,
+                max_queued_bytes=settings.ws_max_queued_bytes,
                 slow_consumer_timeout=settings.ws_slow_consumer_timeout,
+                frame_rate=settings.ws_frame_rate,
+                frame_burst=settings.ws_frame_burst,
                 presence_grace=settings.presence_grace,
                 live_wait=settings.long_poll_timeout,
             ),
@@ -94,7 +100,7 @@ def _uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         http="mock_server._http_protocol:BoundedHttpToolsProtocol",  # httptools + 431
-        ws="websockets-sansio",
+        ws="mock_server._ws_protocol:BoundedWebSocketProtocol",  # closes that cannot hang
         lifespan="on",
         log_level=settings.log_level,
         access_log=False,  # our own request log line, at debug level

@@ -5,12 +5,15 @@ time), appends with producer ids and gets acks, and carries ephemeral
 presence. It shares the ``StreamStore`` with the HTTP front end, so streams,
 offsets and refusals are the same on both.
 
-Each connection has one writer draining a bounded outbox. Subscription pumps
-read from the store only when the outbox has room, so a slow reader lags
-behind in the durable log instead of in server memory; a reader whose outbox
-stays full for ``slow_consumer_timeout`` (or overflows with acks and presence)
-is closed with 4008 and resumes from its offset. A slow client never slows
-the others: nothing is shared between connections but the store.
+Each connection has one writer draining an outbox bounded in bytes
+(``max_queued_bytes``) and frames. Subscription pumps read from the store only
+when the outbox has room, so a slow reader lags behind in the durable log
+instead of in server memory; the bytes handed to the socket are bounded by
+the transport's flow control (``_ws_protocol.py``). A reader that takes no
+frame for ``slow_consumer_timeout`` (or overflows the outbox with acks and
+presence) is closed with 4008, its socket reset if it cannot even take the
+close, and resumes from its offset. A slow client never slows the others:
+nothing is shared between connections but the store.
 """
 
 from __future__ import annotations
@@ -20,8 +23,14 @@ import base64
 import contextlib
 import json
 import logging
+import re
+import sys
+import time
+from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -62,6 +71,15 @@ log = logging.getLogger("mock_server.ws")
 
 MAX_BAD_FRAMES = 10
 MAX_ECHOED_REQ = 128  # a malformed frame's req id is echoed back up to this length (as Id)
+# Client frames (docs/websocket.md, "Limits"). The size limit is uvicorn's (ws_max_size,
+# close 1009); everything below is checked before a frame is parsed or handled.
+MAX_FRAME_DEPTH = 64  # arrays and objects inside one another, the frame itself included
+FRAME_RATE = 1000.0  # frames a socket may send per second, sustained (a token bucket) ...
+FRAME_BURST = 500  # ... and at once
+RATE_LIMIT_CLOSE = 100  # refused frames within about a second that close the socket (4029)
+READ_BUDGET = 8  # frames one socket has handled before its reader lets the others in
+CLOSE_RATE_LIMITED = CLOSE_TOO_MANY_SUBSCRIPTIONS  # 4029: the client sends too much
+MAX_ERROR_MESSAGE = 300  # characters of an error frame's message about a client's frame
 SLOW_REASON = "slow consumer: resume from your last offset"
 
 
@@ -72,10 +90,13 @@ class WebSocketConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     max_subscriptions: int = 64
     max_queued_frames: int = 256
+    max_queued_bytes: int = 1024 * 1024  # data frames queued per socket (docs/websocket.md)
     slow_consumer_timeout: float = 10.0
     presence_grace: float = 3.0
     live_wait: float = 30.0
     frame_data_bytes: int = 256 * 1024  # batch size of data frames (one larger record still fits)
+    frame_rate: float = FRAME_RATE  # frames a socket may send per second, sustained
+    frame_burst: int = FRAME_BURST  # ... and at once
 
 
 def stream_path(name: str) -> str:
@@ -155,28 +176,68 @@ class DataFrames:
 
 
 class Outbox:
-    """A connection's bounded queue of outgoing text frames and the writer that drains it."""
+    """A connection's bounded queue of outgoing text frames and the writer that drains it.
 
-    def __init__(self, send: Send, limit: int) -> None:
+    Data frames (a subscription's reads of the log) go in only while there is
+    room: fewer than ``max_queued_bytes`` of them queued and the queue under
+    half of ``max_queued_frames``. A pump waits for room before it reads, so
+    what a slow reader has not taken stays in the durable log, not here; the
+    batch that crosses the budget still goes in whole, so a record larger
+    than the budget is delivered too (data bytes stay under the budget plus
+    one batch).
+    Other frames (subscribed, acks, errors, presence, pongs) answer the client
+    and cannot wait: they go in at once, and if they pass ``max_queued_frames``
+    or ``max_queued_bytes`` of their own, ``slow`` is set.
+
+    The writer hands the socket one frame at a time and counts it as queued
+    until the socket has taken it (uvicorn's ``send`` returns once it is in the
+    transport's buffer, which flow control keeps under its high-water mark).
+    A frame the socket does not take within ``slow_consumer_timeout`` sets
+    ``slow`` too. Sizes are the frames' memory (``sys.getsizeof``), about
+    their length for ASCII JSON.
+    """
+
+    def __init__(self, send: Send, config: WebSocketConfig) -> None:
         self._send = send
-        self._limit = limit
-        self._frames: deque[str] = deque()
+        self._max_frames = config.max_queued_frames
+        self._max_bytes = config.max_queued_bytes
+        self._stall_timeout = config.slow_consumer_timeout
+        self._frames: deque[tuple[str, int, bool]] = deque()  # text, size, is data
+        self.data_bytes = 0
+        self.other_bytes = 0
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
-        self.overflowed = asyncio.Event()
+        self.slow = asyncio.Event()
+        """The client is not taking frames: the queue overflowed or the socket stalled."""
 
-    def put(self, frame: str) -> None:
-        if len(self._frames) >= self._limit:
-            self.overflowed.set()
+    def put(self, frame: str, *, data: bool = False) -> None:
+        """Queue ``frame``; ``data`` frames only after :meth:`room` said yes."""
+        size = sys.getsizeof(frame)
+        if data:
+            self.data_bytes += size
+        elif len(self._frames) >= self._max_frames or self.other_bytes + size > self._max_bytes:
+            self.slow.set()
             return
-        self._frames.append(frame)
+        else:
+            self.other_bytes += size
+        self._frames.append((frame, size, data))
         self._ready.set()
-        if len(self._frames) >= self._limit // 2:
+        self._update_room()
+
+    def _update_room(self) -> None:
+        if len(self._frames) < self._max_frames // 2 and self.data_bytes < self._max_bytes:
+            self._room.set()
+        else:
             self._room.clear()
 
+    def clear(self) -> None:
+        """Drop what is queued (the connection is over): its memory is free at once."""
+        self._frames.clear()
+        self.data_bytes = self.other_bytes = 0
+
     async def room(self, timeout: float) -> bool:
-        """Wait until the queue is under half full; False if it stays full for ``timeout``."""
+        """Wait until a data frame may go in; False if there is no room for ``timeout``."""
         if self._room.is_set():
             return True
         try:
@@ -190,10 +251,23 @@ class Outbox:
         while True:
             await self._ready.wait()
             while self._frames:
-                frame = self._frames.popleft()
-                if len(self._frames) < self._limit // 2:
-                    self._room.set()
-                await self._send({"type": "websocket.send", "text": frame})
+                frame, size, data = self._frames[0]
+                try:
+                    # Cancelling uvicorn's send is safe: it waits for the transport to
+                    # be writable before it touches any state, then writes at once.
+                    async with asyncio.timeout(self._stall_timeout):
+                        await self._send({"type": "websocket.send", "text": frame})
+                except TimeoutError:
+                    self.slow.set()
+                    return
+                except OSError:  # uvicorn's ClientDisconnected: the socket is gone
+                    return
+                self._frames.popleft()
+                if data:
+                    self.data_bytes -= size
+                else:
+                    self.other_bytes -= size
+                self._update_room()
             self._ready.clear()
 
 
@@ -307,7 +381,7 @@ class Connection:
         self.store = store
         self.hub = hub
         self.config = config
-        self.outbox = Outbox(send, config.max_queued_frames)
+        self.outbox = Outbox(send, config)
         self.shutting_down = shutting_down
         self.subscriptions: dict[str, asyncio.Task[None]] = {}
         self.presence: set[tuple[str, str]] = set()
@@ -333,16 +407,26 @@ class Connection:
     # ------------------------------------------------------------------ requests
 
     def handle(self, text: str) -> bool:
-        """Handle one client frame; False if it was malformed."""
+        """Handle one client frame; False if it was malformed (it then got a ``bad_frame``)."""
+        if _nesting_exceeds(text, MAX_FRAME_DEPTH):
+            # Refused before any parser sees it, so no parser's recursion limit matters.
+            message = f"frame: nested deeper than {MAX_FRAME_DEPTH} arrays and objects"
+            self.send_frame(
+                Error(status=400, code="bad_frame", message=message, req=_leading_ids(text)[0])
+            )
+            return False
         try:
-            frame = CLIENT_FRAME.validate_json(text)
+            # Strict: no bool or float where an int belongs (``seq: true``, ``epoch: 1.0``),
+            # no 1 or "true" for a bool: a mistyped frame is an error, not a guess.
+            frame = CLIENT_FRAME.validate_json(text, strict=True)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "frame"
-            req = _request_id(text)
-            self.send_frame(
-                Error(status=400, code="bad_frame", message=f"{where}: {first['msg']}", req=req)
-            )
+            message = f"{where}: {first['msg']}"
+            if len(message) > MAX_ERROR_MESSAGE:  # ``where`` may hold a long unknown key
+                message = message[: MAX_ERROR_MESSAGE - 3] + "..."
+            req = _request_id(text) or _leading_ids(text)[0]  # the second for invalid JSON
+            self.send_frame(Error(status=400, code="bad_frame", message=message, req=req))
             return False
         if isinstance(frame, Subscribe):
             self._subscribe(frame)
@@ -353,11 +437,30 @@ class Connection:
         elif isinstance(frame, SetPresence):
             self._presence(frame)
         elif isinstance(frame, LeavePresence):
-            with contextlib.suppress(ProtocolError):
+            try:
                 self.hub.leave(self, stream_path(frame.stream), frame.client_id)
+            except ProtocolError as exc:
+                self.send_frame(error_frame(exc))
         elif isinstance(frame, Ping):
             self.send_frame(Pong(req=frame.req))
         return True
+
+    def refuse_over_rate(self, text: str | None, wait: float) -> None:
+        """Answer a frame over the socket's rate with a 429, unhandled (its ids from
+        its leading fields, without parsing it: the point is to do little for it)."""
+        req, sub = _leading_ids(text) if text is not None else (None, None)
+        wait = max(wait, 0.001)  # said in whole milliseconds: never "0.000"
+        self.send_frame(
+            Error(
+                status=429,
+                code="rate_limited",
+                message=f"more than {FRAME_RATE:g} frames a second (bursts of {FRAME_BURST});"
+                f" retry in {wait * 1000:.0f} ms",
+                req=req,
+                sub=sub,
+                headers={"Retry-After": f"{wait:.3f}"},
+            )
+        )
 
     def _presence(self, frame: SetPresence) -> None:
         try:
@@ -418,7 +521,13 @@ class Connection:
         if frame.data is None:
             return b""
         if P.is_json(state.content_type):
-            return json.dumps(frame.data, separators=(",", ":"), ensure_ascii=False).encode()
+            try:
+                text = json.dumps(
+                    frame.data, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+                )
+            except ValueError:  # 1e400 parses as inf: JSON has no such number
+                raise ProtocolError(400, "data holds a number out of range") from None
+            return text.encode()
         if isinstance(frame.data, str):
             return frame.data.encode()
         raise ProtocolError(400, "data must be a string for a non-JSON stream (or use data_base64)")
@@ -489,7 +598,7 @@ class Connection:
                 async for result in results:
                     # Heartbeats (nothing new, not closed) say nothing a subscriber needs.
                     if first or result.records or result.closed:
-                        self.outbox.put(frames.encode(result))
+                        self.outbox.put(frames.encode(result), data=True)
                     first = False
                     if result.closed or self.shutting_down.is_set() or not await self._room():
                         return
@@ -513,18 +622,112 @@ class Connection:
 
 
 def _request_id(text: str) -> str | None:
+    """The ``req`` of a frame that did not validate, if it is one we can echo."""
     try:
         value = json.loads(text)
-    except (ValueError, RecursionError):  # RecursionError: "[[[[...", nested too deep
+    except (ValueError, RecursionError):  # checked for depth first; RecursionError all the same
         return None
     req = value.get("req") if isinstance(value, dict) else None
-    if not isinstance(req, str) or len(req) > MAX_ECHOED_REQ:
+    return _echoable(req)
+
+
+def _echoable(value: object) -> str | None:
+    if not isinstance(value, str) or not value or len(value) > MAX_ECHOED_REQ:
         return None
     try:
-        req.encode("utf-8")  # json.loads takes "\ud800"; no frame can carry it back
+        value.encode("utf-8")  # json.loads takes "\ud800"; no frame can carry it back
     except UnicodeEncodeError:
         return None
-    return req
+    return value
+
+
+# A frame's leading fields with plain values (``{"op":"append","req":"r7",...``, as
+# the SDK writes them): enough to name a refused frame without parsing all of it.
+_LEADING_FIELD = re.compile(
+    r'\s*"([a-z_]{1,16})"\s*:\s*("(?:[^"\\]|\\.){0,256}"|[-+.\w]{1,64})\s*([,}])'
+)
+_LEADING_FIELDS = 8
+
+
+def _leading_ids(text: str) -> tuple[str | None, str | None]:
+    """``req`` and (for a ``subscribe``) ``sub`` from the frame's leading plain fields."""
+    start = re.match(r"\s*\{", text)
+    if start is None:
+        return None, None
+    fields: dict[str, object] = {}
+    position = start.end()
+    for _ in range(_LEADING_FIELDS):
+        match = _LEADING_FIELD.match(text, position)
+        if match is None:
+            break
+        with contextlib.suppress(ValueError):
+            fields.setdefault(match[1], json.loads(match[2]))
+        if match[3] == "}":
+            break
+        position = match.end()
+    sub = _echoable(fields.get("sub")) if fields.get("op") == "subscribe" else None
+    return _echoable(fields.get("req")), sub
+
+
+# Strings (closed or not: an unclosed one runs to the end, so the scan stays linear).
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1, +1, -1, -1 as signed bytes
+_DEPTH_CHUNK = 4096
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether arrays and objects in ``text`` nest deeper than ``limit``, without
+    parsing it: the brackets outside strings, counted at C speed (a deep frame
+    stops at its first chunk). Mismatched brackets are the parser's to refuse."""
+    if text.count("[") + text.count("{") <= limit:  # the common case: few brackets at all
+        return False
+    outside = _JSON_STRING.sub(b"", text.encode("utf-8", "surrogatepass"))
+    steps = outside.translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    depth = 0
+    for start in range(0, len(steps), _DEPTH_CHUNK):
+        levels = list(accumulate(array("b", steps[start : start + _DEPTH_CHUNK]), initial=depth))
+        if max(levels) > limit:
+            return True
+        depth = levels[-1]
+    return False
+
+
+class FrameRate:
+    """One socket's budget of incoming frames: a token bucket of ``burst`` tokens
+    refilled at ``rate`` a second. Refusals are counted too, in a bucket that
+    drains ``close_after`` a second: more than ``close_after`` within about a
+    second means the client does not back off, and the socket is closed.
+    Sans-I/O: the clock is a parameter."""
+
+    def __init__(
+        self,
+        rate: float = FRAME_RATE,
+        burst: int = FRAME_BURST,
+        close_after: int = RATE_LIMIT_CLOSE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate, self.burst, self.close_after, self._clock = rate, burst, close_after, clock
+        self._tokens = float(burst)
+        self._refusals = 0.0
+        self._at = clock()
+
+    def take(self) -> float | None:
+        """Take a frame's token: ``None`` if there was one, else the seconds until one."""
+        now = self._clock()
+        elapsed, self._at = max(0.0, now - self._at), now
+        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        self._refusals = max(0.0, self._refusals - elapsed * self.close_after)
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return None
+        self._refusals += 1.0
+        return (1.0 - self._tokens) / self.rate
+
+    @property
+    def persistent(self) -> bool:
+        """The client kept sending over the rate: close it (4029)."""
+        return self._refusals > self.close_after
 
 
 class WebSocketEndpoint:
@@ -548,41 +751,67 @@ class WebSocketEndpoint:
         self.connections.add(conn)
         writer = asyncio.create_task(conn.outbox.run())
         reader = asyncio.create_task(self._read(conn, receive))
-        overflow = asyncio.create_task(conn.outbox.overflowed.wait())
+        slow = asyncio.create_task(conn.outbox.slow.wait())
         closing = asyncio.create_task(conn.closing.wait())
         stopping = asyncio.create_task(self.shutting_down.wait())
-        tasks = [writer, reader, overflow, closing, stopping]
+        tasks = [writer, reader, slow, closing, stopping]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if reader in done:
                 code, reason = reader.result(), "too many malformed frames"
             elif stopping in done:
                 code, reason = 1001, "server shutting down"
-            elif overflow in done:
+            elif slow in done or (writer in done and conn.outbox.slow.is_set()):
                 code, reason = CLOSE_SLOW_CONSUMER, SLOW_REASON
             elif closing in done:
                 code, reason = conn.close_code, conn.close_reason
-            else:  # the writer failed: the socket is gone
+            else:  # the writer ended: the socket is gone
                 code, reason = None, ""
         finally:
             for task in tasks:
                 task.cancel()
             await conn.close_all()
+            conn.outbox.clear()
             self.connections.discard(conn)
         if code is not None:
-            # The socket may be full (a slow reader); don't wait for it forever.
+            # Under uvicorn our protocol (mock_server/_ws_protocol.py) writes the close at
+            # once, behind what the transport holds, and resets the socket if that has not
+            # drained a second later; the timeout is for other servers, whose send may wait
+            # for a full socket forever.
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await send({"type": "websocket.close", "code": code, "reason": reason})
 
     async def _read(self, conn: Connection, receive: Receive) -> int | None:
-        """Handle frames until the client goes; returns a close code to send, if any."""
+        """Handle frames until the client goes; returns a close code to send, if any.
+
+        Fair to the other sockets: a frame over this socket's rate is answered
+        429 and not handled, and after ``READ_BUDGET`` frames the reader yields
+        to the loop (frames already queued would otherwise be handled back to
+        back, and a flood would hold the loop for as long as it lasts).
+        """
         bad = 0
+        rate = FrameRate(conn.config.frame_rate, conn.config.frame_burst)
+        handled = 0
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
                 return None
+            handled += 1
+            if handled >= READ_BUDGET:
+                handled = 0
+                await asyncio.sleep(0)
             text = message.get("text")
+            wait = rate.take()
+            if wait is not None:
+                conn.refuse_over_rate(text, wait)
+                if rate.persistent:
+                    conn.request_close(
+                        CLOSE_RATE_LIMITED, "rate limit: the client did not back off"
+                    )
+                    # The handler sends the close (``conn.closing``); read nothing more meanwhile.
+                    await asyncio.get_running_loop().create_future()
+                continue
             if text is None:
                 conn.send_frame(
                     Error(status=400, code="bad_frame", message="frames must be JSON text")
