@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from durable_client import ConnectionState, SequenceGap
+from durable_client import ConnectionState, RateLimited, SequenceGap
 from durable_client.streams import AppendResult, DurableStream, IdempotentProducer, ProducerStamp
 from durable_client.transports import WebSocketTransport
 
@@ -63,6 +63,7 @@ class Sizes:
     memory_subscribers: int
     memory_events: int
     settle: float  # seconds for readers to connect or park, and for a server's memory to settle
+    flood_round_trips: int  # bystander appends of each flood case (at FLOOD_BYSTANDER_RATE)
 
 
 SIZES: dict[str, Sizes] = {
@@ -83,6 +84,7 @@ SIZES: dict[str, Sizes] = {
         memory_subscribers=300,
         memory_events=100_000,
         settle=1.0,
+        flood_round_trips=1_000,
     ),
     "quick": Sizes(
         latency_seconds=0.4,
@@ -101,6 +103,7 @@ SIZES: dict[str, Sizes] = {
         memory_subscribers=50,
         memory_events=10_000,
         settle=0.25,
+        flood_round_trips=200,
     ),
     "smoke": Sizes(
         latency_seconds=0.15,
@@ -119,6 +122,7 @@ SIZES: dict[str, Sizes] = {
         memory_subscribers=5,
         memory_events=1_000,
         settle=0.05,
+        flood_round_trips=30,
     ),
 }
 
@@ -406,7 +410,13 @@ async def _append_sequential(ctx: Context, server: str, client: str, transport: 
             stack.push_async_callback(socket.aclose)
 
             async def append(body: bytes) -> None:
-                await socket.send_batch([body], stamp=None)
+                for _ in range(100):  # over the server's per-socket frame rate: back off
+                    try:
+                        await socket.send_batch([body], stamp=None)
+                        return
+                    except RateLimited as limited:
+                        await asyncio.sleep(limited.retry_after or 0.01)
+                raise RuntimeError("append refused 100 times in a row for the rate")
 
         else:
             append = stream.append
@@ -1062,6 +1072,105 @@ async def bench_memory(ctx: Context) -> list[Row]:
     return rows
 
 
+# --------------------------------------------------------------------------- flood
+
+#: Appends a second of the bystander: a busy chat client, far under the server's
+#: per-socket rate limit (mock_server._ws.FRAME_RATE), as every real client is.
+FLOOD_BYSTANDER_RATE = 200.0
+
+
+async def _bystander_round_trips(ws: WsClient, name: str, count: int, run: str) -> list[float]:
+    """``count`` appends, one at a time at ``FLOOD_BYSTANDER_RATE``: each round trip."""
+    rtts: list[float] = []
+    next_at = time.perf_counter()
+    for i in range(count):
+        next_at += 1.0 / FLOOD_BYSTANDER_RATE
+        t = time.perf_counter()
+        await ws.append(name, json.loads(event_bytes(i, run)))
+        rtts.append(time.perf_counter() - t)
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+    return rtts
+
+
+async def _flood_case(ctx: Context) -> list[Row]:
+    """A bystander's append round trips on its own socket, first alone, then while
+    another socket floods the server (``bench._flooder``: a separate process that
+    sends small pings as fast as the server takes them and reconnects whenever it
+    is closed), in the same run on the same server."""
+    base = ctx.url(OURS)
+    run = uuid.uuid4().hex[:20]
+    name = new_name("flood")
+    count = ctx.sizes.flood_round_trips
+    ws_url = base.replace("http://", "ws://", 1) + "/v1/ws"
+    async with http_client(2) as http, WsClient(base) as ws:
+        await create_stream(base, name, http)
+        for i in range(50):  # warm-up
+            await ws.append(name, json.loads(event_bytes(i, run)))
+        quiet = await _bystander_round_trips(ws, name, count, run)
+        flooder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench._flooder",
+            ws_url,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert flooder.stdin is not None
+        assert flooder.stdout is not None
+        try:
+            async with asyncio.timeout(30):
+                ready = await flooder.stdout.readline()
+            if ready.strip() != b"ready":
+                raise RuntimeError(f"the flooder did not start: {ready!r}")
+            flooded = await _bystander_round_trips(ws, name, count, run)
+            flooder.stdin.close()
+            async with asyncio.timeout(30):
+                counts = json.loads(await flooder.stdout.readline())
+                await flooder.wait()
+        finally:
+            if flooder.returncode is None:
+                flooder.kill()  # by its handle: the process this case started
+                await flooder.wait()
+    seconds = counts["seconds"]
+    return [
+        _row(
+            "flood",
+            "bystander alone",
+            "ws",
+            OURS,
+            RAW_WS,
+            "append round trip",
+            "ms",
+            "lower",
+            Dist.of(quiet, scale=1000),
+        ),
+        _row(
+            "flood",
+            "bystander while another socket floods",
+            "ws",
+            OURS,
+            RAW_WS,
+            "append round trip",
+            "ms",
+            "lower",
+            Dist.of(flooded, scale=1000),
+            **{
+                "flood frames/s": counts["sent"] / seconds,
+                "answered/s": counts["pongs"] / seconds,
+                "429s": float(counts["rate_limited"]),
+                "4029 closes": float(counts["closes"].get("4029", 0)),
+            },
+        ),
+    ]
+
+
+async def bench_flood(ctx: Context) -> list[Row]:
+    """Fairness: a bystander's round trip beside a flooding socket (ours only: WebSocket)."""
+    if OURS not in ctx.servers:
+        return []
+    return await ctx.case("flood bystander ws ours", lambda: _flood_case(ctx))
+
+
 BENCHMARKS: dict[str, Callable[[Context], Awaitable[list[Row]]]] = {
     "latency": bench_latency,
     "append": bench_append,
@@ -1070,6 +1179,7 @@ BENCHMARKS: dict[str, Callable[[Context], Awaitable[list[Row]]]] = {
     "resume": bench_resume,
     "storm": bench_storm,
     "memory": bench_memory,
+    "flood": bench_flood,
 }
 
 __all__ = ["BENCHMARKS", "SIZES", "Context", "Sizes"]

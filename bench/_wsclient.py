@@ -19,6 +19,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 WS_PATH = "/v1/ws"
+MAX_RATE_LIMITED = 100  # 429s in a row for one append before it fails
 
 
 class WsError(Exception):
@@ -122,10 +123,17 @@ class WsClient:
         return future
 
     async def append(self, stream: str, data: Any) -> dict[str, Any]:
-        frame = await self.append_nowait(stream, data)
-        if frame.get("type") != "ack":
-            raise WsError(f"append refused: {frame}")
-        return frame
+        """Append and wait for the ack; over the server's per-socket rate (429), wait
+        its ``Retry-After`` and send again, as a well-behaved client does."""
+        for _ in range(MAX_RATE_LIMITED):
+            frame = await self.append_nowait(stream, data)
+            if frame.get("type") == "error" and frame.get("status") == 429:
+                await asyncio.sleep(float(frame.get("headers", {}).get("Retry-After", "0.01")))
+                continue
+            if frame.get("type") != "ack":
+                raise WsError(f"append refused: {frame}")
+            return frame
+        raise WsError(f"append refused {MAX_RATE_LIMITED} times in a row for the rate")
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

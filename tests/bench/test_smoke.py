@@ -24,6 +24,7 @@ BENCHES = {
     "latency",
     "append",
     "fan-out",
+    "flood",
     "catch-up",
     "resume",
     "storm",
