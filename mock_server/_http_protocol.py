@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import fcntl
 import logging
-import socket
 import struct
 import termios
 from typing import Any
@@ -40,6 +39,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ._http import SLOW_READER_STATE, SLOW_READER_TIMEOUT
+from ._reset import reset
 
 __all__ = ["MAX_HEADERS", "MAX_HEAD_BYTES", "WRITE_HIGH_WATER", "BoundedHttpToolsProtocol"]
 
@@ -175,13 +175,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._slow_reader_timeout(),
             size,
         )
-        # A RST, not a FIN: with linger 0 the kernel drops its send queue too (a FIN
-        # would wait behind megabytes the reader will never take).
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.transport.abort()  # drops the buffer; connection_lost ends the response
+        # A RST, not a FIN (which would wait behind megabytes the reader never takes).
+        reset(self.transport)  # drops the buffer; connection_lost ends the response
 
     # -------------------------------------------------------------- the bound
 

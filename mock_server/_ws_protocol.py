@@ -30,15 +30,12 @@ Named by import string in ``uvicorn.Config(ws=...)`` (``_server._uvicorn_config`
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import socket
-import struct
-from collections.abc import Callable
 from typing import Any, cast
 
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from ._reset import reset
 
 __all__ = ["CLOSE_LINGER", "WRITE_BUFFER_HIGH", "BoundedWebSocketProtocol"]
 
@@ -52,39 +49,6 @@ WRITE_BUFFER_LOW = 16 * 1024
 
 FEED_BYTES = 16 * 1024
 """Received bytes parsed per loop turn: a flood of small frames takes turns with other sockets."""
-
-TRIM_INTERVAL = 0.1
-"""Seconds from an abort to giving memory back (aborts in a burst share one trim)."""
-
-
-def _find_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim = ctypes.CDLL(None).malloc_trim  # glibc only
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
-
-
-_malloc_trim = _find_malloc_trim()
-_trim_pending = False
-
-
-def release_memory_soon() -> None:
-    """Give freed heap memory back to the system shortly (a no-op off glibc)."""
-    global _trim_pending
-    if _malloc_trim is None or _trim_pending:
-        return
-    _trim_pending = True
-    asyncio.get_running_loop().call_later(TRIM_INTERVAL, _release_memory)
-
-
-def _release_memory() -> None:
-    global _trim_pending
-    _trim_pending = False
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 class _LingeringTransport(asyncio.Transport):
@@ -125,14 +89,7 @@ class _LingeringTransport(asyncio.Transport):
 
     def abort(self) -> None:
         self.cancel_linger()
-        sock = self._inner.get_extra_info("socket")
-        if sock is not None:
-            # SO_LINGER 0: close() resets the connection and drops the kernel's send
-            # queue too, rather than leave an orphan socket trickling it out.
-            with contextlib.suppress(OSError):  # already gone
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self._inner.abort()
-        release_memory_soon()
+        reset(self._inner)
 
     def is_closing(self) -> bool:
         return self._inner.is_closing()
