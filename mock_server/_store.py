@@ -24,6 +24,7 @@ from typing import Any
 
 from durable_client import wire as P
 
+from ._json_depth import MAX_JSON_DEPTH, nesting_exceeds
 from ._model import Landed, ProducerState, Record, StreamState
 from ._offsets import InvalidOffset, new_incarnation, parse_offset
 from ._storage import MemoryStorage, Storage
@@ -153,8 +154,15 @@ def _dump(value: Any) -> str:
 def parse_json_messages(body: bytes, *, allow_empty: bool) -> tuple[bytes, int]:
     """A JSON-mode body as (comma-joined compact messages, message count).
 
-    A top-level array is flattened by one level. Raises ``ProtocolError(400)``.
+    A top-level array is flattened by one level. Raises ``ProtocolError(400)``, also
+    for a message nested deeper than ``MAX_JSON_DEPTH`` (some reader's parser would
+    refuse it: stored, it could never be delivered).
     """
+    limit = MAX_JSON_DEPTH + 1 if body.lstrip()[:1] == b"[" else MAX_JSON_DEPTH
+    if nesting_exceeds(body, limit):
+        raise ProtocolError(
+            400, f"invalid JSON body: a message nests deeper than {MAX_JSON_DEPTH} arrays/objects"
+        )
     try:
         value = json.loads(
             body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_strict_float

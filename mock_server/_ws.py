@@ -26,11 +26,9 @@ import logging
 import re
 import sys
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -57,6 +55,7 @@ from durable_client.wire import (
 )
 
 from ._asgi import Receive, Scope, Send
+from ._json_depth import nesting_exceeds
 from ._model import StreamState
 from ._store import (
     AppendRequest,
@@ -408,7 +407,7 @@ class Connection:
 
     def handle(self, text: str) -> bool:
         """Handle one client frame; False if it was malformed (it then got a ``bad_frame``)."""
-        if _nesting_exceeds(text, MAX_FRAME_DEPTH):
+        if nesting_exceeds(text, MAX_FRAME_DEPTH):
             # Refused before any parser sees it, so no parser's recursion limit matters.
             message = f"frame: nested deeper than {MAX_FRAME_DEPTH} arrays and objects"
             self.send_frame(
@@ -667,30 +666,6 @@ def _leading_ids(text: str) -> tuple[str | None, str | None]:
         position = match.end()
     sub = _echoable(fields.get("sub")) if fields.get("op") == "subscribe" else None
     return _echoable(fields.get("req")), sub
-
-
-# Strings (closed or not: an unclosed one runs to the end, so the scan stays linear).
-_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1, +1, -1, -1 as signed bytes
-_DEPTH_CHUNK = 4096
-
-
-def _nesting_exceeds(text: str, limit: int) -> bool:
-    """Whether arrays and objects in ``text`` nest deeper than ``limit``, without
-    parsing it: the brackets outside strings, counted at C speed (a deep frame
-    stops at its first chunk). Mismatched brackets are the parser's to refuse."""
-    if text.count("[") + text.count("{") <= limit:  # the common case: few brackets at all
-        return False
-    outside = _JSON_STRING.sub(b"", text.encode("utf-8", "surrogatepass"))
-    steps = outside.translate(_BRACKET_STEPS, _NOT_BRACKETS)
-    depth = 0
-    for start in range(0, len(steps), _DEPTH_CHUNK):
-        levels = list(accumulate(array("b", steps[start : start + _DEPTH_CHUNK]), initial=depth))
-        if max(levels) > limit:
-            return True
-        depth = levels[-1]
-    return False
 
 
 class FrameRate:
