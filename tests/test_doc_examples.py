@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from mock_server.testing import serve
+from tests._await import finished
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -144,12 +145,7 @@ async def _run(args: list[str], cwd: Path, timeout: float = 90) -> Run:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    out, err = await finished(proc, timeout)
     assert proc.returncode is not None
     return Run(proc.returncode, out.decode(), err.decode())
 

@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+from tests._await import finished
+
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 ROOT = DOCS.parent
 DOC_URL = "http://127.0.0.1:4437"
@@ -59,12 +61,7 @@ async def test_quickstart_programs_run(server_url: str, server_kind: str, tmp_pa
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    out, _ = await finished(proc, 60)
     output = out.decode()
     assert proc.returncode == 0, output
     sections = output.split("=== program ")[1:]

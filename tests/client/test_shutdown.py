@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._await import finished
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: The quickstart's agent example as it was: the agent task is cancelled, never awaited.
@@ -85,12 +87,7 @@ async def test_an_agent_task_left_running_at_exit_ends_cleanly(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), 60)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        out, err = await finished(proc, 60)
         assert proc.returncode == 0, out.decode() + err.decode()
         assert out.decode().strip() == "cancelled"
         assert err.decode() == "", err.decode()

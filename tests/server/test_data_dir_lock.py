@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -17,18 +16,7 @@ from mock_server import SqliteStorage
 from mock_server._storage import DataDirInUse
 from mock_server.testing import serve
 
-from .test_process import JSON, S, server_process
-
-
-def run_server(*args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m mock_server ARGS`` that is expected to refuse to start (bounded)."""
-    return subprocess.run(
-        [sys.executable, "-m", "mock_server", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+from .test_process import JSON, S, run_cli, server_process
 
 
 def refused(result: subprocess.CompletedProcess[str]) -> str:
@@ -48,7 +36,7 @@ async def test_a_second_server_on_the_same_data_dir_refuses_naming_the_holder(
     async with server_process("--data-dir", data_dir) as (first, url):
         async with httpx.AsyncClient(base_url=url) as http:
             await http.put(f"{S}/kept", headers=JSON, content=b"[1]")
-        second = await asyncio.to_thread(run_server, "--port", "0", "--data-dir", data_dir)
+        second = await asyncio.to_thread(run_cli, "--port", "0", "--data-dir", data_dir)
         line = refused(second)
         assert f"pid {first.pid}" in line
         assert url in line  # the holder's URL, so the user knows which server to use
@@ -77,7 +65,7 @@ async def test_an_embedded_server_holds_the_lock_and_releases_it_on_exit(tmp_pat
     data_dir = tmp_path / "data"
     async with serve(data_dir=data_dir) as running:
         # A server process sees this one, by pid and URL.
-        line = refused(await asyncio.to_thread(run_server, "--data-dir", str(data_dir)))
+        line = refused(await asyncio.to_thread(run_cli, "--data-dir", str(data_dir)))
         assert f"pid {os.getpid()}" in line
         assert running.url in line
         # So does a second embedded server in the same process, before touching anything.
@@ -104,7 +92,7 @@ def test_a_refused_server_changes_nothing_in_the_data_dir(tmp_path: Path) -> Non
     holder = SqliteStorage(data_dir)
     try:
         before = {p.name: p.read_bytes() for p in data_dir.iterdir()}
-        refused(run_server("--port", "0", "--data-dir", str(data_dir)))
+        refused(run_cli("--port", "0", "--data-dir", str(data_dir)))
         assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == before
     finally:
         holder.close()

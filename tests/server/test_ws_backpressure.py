@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,21 +186,17 @@ async def wait_closed(
     """Wait until the server holds none of these connections, for at most ``bound``
     seconds and while its peak RSS stays under ``limit`` MiB; (seconds, peak MiB)."""
     started = time.monotonic()
-    while server.peers(ports) and time.monotonic() - started < bound:
-        if server.rss_mib("VmHWM") > limit:
-            break  # failed already; don't let the server eat the machine
-        await asyncio.sleep(0.02)
+    with suppress(TimeoutError):  # the caller's assertions say what went wrong
+        # Past the limit it has failed already: don't let the server eat the machine.
+        await until(lambda: not server.peers(ports) or server.rss_mib("VmHWM") > limit, bound)
     return time.monotonic() - started, server.rss_mib("VmHWM")
 
 
 async def settled_rss(server: ServerProcess, at_most: float) -> float:
     """The server's RSS once it is ``at_most`` MiB or less (or the last reading after 5 s)."""
-    rss = server.rss_mib()
-    deadline = time.monotonic() + 5
-    while rss > at_most and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-        rss = server.rss_mib()
-    return rss
+    with suppress(TimeoutError):  # the caller's assertion reports the reading
+        await until(lambda: server.rss_mib() <= at_most, 5)
+    return server.rss_mib()
 
 
 # ---------------------------------------------------------------- the process tests
