@@ -21,7 +21,7 @@ Three namespaces hold the rest:
 from . import streams as streams
 from . import transports as transports
 from . import wire as wire
-from ._agent import Agent, AgentReply, IncomingTurn
+from ._agent import Agent, AgentReply, IncomingTurn, Unfinished
 from ._errors import (
     BadRequest,
     ClientClosed,
@@ -50,12 +50,15 @@ from ._errors import (
     StreamReplaced,
     TransportError,
     TurnCancelled,
+    TurnFenced,
     Unauthorized,
     UnexpectedStatus,
     UsageError,
 )
 from ._events import (
     AnyEvent,
+    Approval,
+    ApprovalRequest,
     Author,
     AuthorKind,
     Cancel,
@@ -67,7 +70,9 @@ from ._events import (
     Steer,
     SteerMode,
     TextDelta,
+    TurnAdopt,
     TurnEnd,
+    TurnLease,
     TurnStart,
     UnknownEvent,
     UserMessage,
@@ -78,8 +83,8 @@ from ._offsets import FileOffsetStore, MemoryOffsetStore, OffsetStore, Position
 from ._retry import ReconnectPolicy, RetryPolicy
 from ._session import DEFAULT_SESSION_PATH, PublishAck, Session, TransportChoice
 from ._state import ConnectionState, ConnectionStatus
-from ._subscription import OnReplaced, StartPoint, Subscription
-from ._transcript import Reply, ReplyStatus, Transcript, Turn
+from ._subscription import LeaseMode, OnReplaced, StartPoint, Subscription
+from ._transcript import ApprovalState, ApprovalStatus, Reply, ReplyStatus, Transcript, Turn
 from ._transport import PresenceChange
 from ._ws_frames import Member
 
@@ -90,6 +95,10 @@ __all__ = [
     "Agent",
     "AgentReply",
     "AnyEvent",
+    "Approval",
+    "ApprovalRequest",
+    "ApprovalState",
+    "ApprovalStatus",
     "Author",
     "AuthorKind",
     "BadRequest",
@@ -107,6 +116,7 @@ __all__ = [
     "FileOffsetStore",
     "Forbidden",
     "IncomingTurn",
+    "LeaseMode",
     "Member",
     "MemoryOffsetStore",
     "NoProgress",
@@ -148,11 +158,15 @@ __all__ = [
     "TransportChoice",
     "TransportError",
     "Turn",
+    "TurnAdopt",
     "TurnCancelled",
     "TurnEnd",
+    "TurnFenced",
+    "TurnLease",
     "TurnStart",
     "Unauthorized",
     "UnexpectedStatus",
+    "Unfinished",
     "UnknownEvent",
     "UsageError",
     "UserMessage",

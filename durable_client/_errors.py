@@ -32,7 +32,8 @@ Everything ``durable_client`` raises on purpose derives from
     │   └── PresenceUnavailable       presence needs the WebSocket transport; this one is HTTP
     ├── UsageError                    the caller misused the API (also a ValueError)
     │   └── ClientClosed              used after aclose()
-    └── TurnCancelled                 agent side: the turn being answered was cancelled
+    ├── TurnCancelled                 agent side: the turn being answered was cancelled
+    └── TurnFenced                    agent side: another owner took the reply (lease lost)
 
 HTTP and transport exceptions from httpx and websockets are mapped at the
 boundary (``raise ... from exc``: httpx's in ``_http_errors``, websockets' in
@@ -85,6 +86,7 @@ __all__ = [
     "StreamReplaced",
     "TransportError",
     "TurnCancelled",
+    "TurnFenced",
     "Unauthorized",
     "UnexpectedStatus",
     "UsageError",
@@ -371,6 +373,23 @@ class TurnCancelled(DurableError):
     def __init__(self, message: str, *, url: str | None = None, cancel: object = None) -> None:
         super().__init__(message, url=url)
         self.cancel = cancel
+
+
+class TurnFenced(DurableError):
+    """A reply's lease belongs to someone else now, so this owner may not write to it.
+
+    Another instance claimed the turn first (``turn_start``), a new owner
+    adopted the reply (``turn_adopt``), or a reader ended it after its lease
+    lapsed (``turn_end``, reason ``abandoned``): the server refuses this
+    owner's writes from then on. ``by`` is that event when the reply has seen
+    it (``None`` when only the server's refusal is known). Not a failure of
+    the caller: ``async with agent.reply(turn)`` catches it and publishes
+    nothing more.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, by: object = None) -> None:
+        super().__init__(message, url=url)
+        self.by = by
 
 
 # --- mapping at the boundary -------------------------------------------------

@@ -13,9 +13,13 @@ object with a ``type`` discriminator. Every event carries:
   is the stream's order.
 
 The types: ``user_message``, ``turn_start``, ``text_delta``, ``turn_end``
-(reason ``complete`` | ``cancelled`` | ``error``), ``cancel`` (scope ``turn``
-| ``author`` | ``all``), ``steer`` (mode ``steer`` | ``follow_up``) and
-``progress``. Readers accept events of types they do not know as
+(reason ``complete`` | ``cancelled`` | ``error`` | ``abandoned``), ``cancel``
+(scope ``turn`` | ``author`` | ``all``), ``steer`` (mode ``steer`` |
+``follow_up``), ``progress``, the lease events ``turn_lease`` and
+``turn_adopt`` (a reply's owner renews it, a new owner takes it over; see
+``_core.leases``) and ``approval_request`` / ``approval`` (an agent asks
+before it runs a tool, anyone in the session decides). Readers accept
+events of types they do not know as
 :class:`UnknownEvent` (kept, not dropped), so the schema can grow.
 docs/session-events.md is the reference for humans.
 """
@@ -30,6 +34,8 @@ from typing import Annotated, Any, Literal, TypeAlias
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 __all__ = [
+    "Approval",
+    "ApprovalRequest",
     "Author",
     "AuthorKind",
     "Cancel",
@@ -41,7 +47,9 @@ __all__ = [
     "Steer",
     "SteerMode",
     "TextDelta",
+    "TurnAdopt",
     "TurnEnd",
+    "TurnLease",
     "TurnStart",
     "UnknownEvent",
     "UserMessage",
@@ -113,13 +121,50 @@ class UserMessage(_EventBase):
     turn_id: Annotated[str, Field(min_length=1, max_length=256)] = Field(default_factory=new_id)
     text: str
     to: tuple[str, ...] | None = None
+    #: The turn this message asks again (a retry of a reply that failed or was abandoned).
+    retry_of: str | None = None
 
 
 class TurnStart(_EventBase):
-    """An agent starts its reply in turn ``turn_id`` (``in_reply_to``: the message id)."""
+    """An agent starts its reply in turn ``turn_id`` (``in_reply_to``: the message id).
+
+    ``lease_ttl`` (seconds) says the reply is leased: its owner publishes
+    something for it (text, progress, a ``turn_lease``) at least that often,
+    and a reply that goes quiet for longer may be ended as ``abandoned`` by
+    any reader. ``holder`` names the process that owns it (informational).
+    """
 
     type: Literal["turn_start"] = "turn_start"
     in_reply_to: str | None = None
+    lease_ttl: Annotated[float, Field(gt=0.05, le=3600.0)] | None = None  # seconds
+    holder: Annotated[str, Field(max_length=256)] | None = None
+
+
+class TurnLease(_EventBase):
+    """The reply of ``author`` in ``turn_id`` is alive: its lease is renewed for ``ttl`` seconds.
+
+    Published by the owner when it has had nothing else to publish for a
+    third of the lease (waiting for a model, a tool or an approval).
+    """
+
+    type: Literal["turn_lease"] = "turn_lease"
+    generation: Annotated[int, Field(ge=0)] = 0
+    ttl: Annotated[float, Field(gt=0.05, le=3600.0)]  # seconds
+    holder: Annotated[str, Field(max_length=256)] | None = None
+
+
+class TurnAdopt(_EventBase):
+    """A new owner (``holder``, the same agent ``author``) took over the reply in
+    ``turn_id`` and continues it: generation ``generation`` of its lease.
+
+    Whatever the previous owner still sends is refused by the server from now
+    on (fenced), so the reply continues exactly after the text already in the log.
+    """
+
+    type: Literal["turn_adopt"] = "turn_adopt"
+    generation: Annotated[int, Field(ge=1)]
+    ttl: Annotated[float, Field(gt=0.05, le=3600.0)]  # seconds
+    holder: Annotated[str, Field(max_length=256)] | None = None
 
 
 class TextDelta(_EventBase):
@@ -136,19 +181,33 @@ class EndReason(StrEnum):
     COMPLETE = "complete"
     CANCELLED = "cancelled"
     ERROR = "error"
+    #: Its owner stopped renewing the reply's lease (killed, lost, partitioned);
+    #: a reader or a new owner ended it. The text so far is kept.
+    ABANDONED = "abandoned"
 
 
 class TurnEnd(_EventBase):
-    """An agent's reply in turn ``turn_id`` ended. Published exactly once per reply.
+    """A reply in turn ``turn_id`` ended. Published exactly once per reply.
 
-    ``cancel_event_id`` names the cancel that stopped it (reason ``cancelled``);
-    ``error`` describes the failure (reason ``error``).
+    The reply is ``reply_author_id``'s (default: the event's author): an
+    ``abandoned`` end is written by whoever noticed the lapsed lease, under its
+    own author, for the agent's reply. ``cancel_event_id`` names the cancel that
+    stopped it (reason ``cancelled``); ``error`` says what failed (``error``) or
+    what was noticed (``abandoned``). ``generation`` is the lease generation
+    the end was written in (leased replies only).
     """
 
     type: Literal["turn_end"] = "turn_end"
     reason: EndReason
     error: str | None = None
     cancel_event_id: str | None = None
+    reply_author_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    generation: Annotated[int, Field(ge=0)] | None = None
+
+    @property
+    def reply_author(self) -> str:
+        """The id of the agent whose reply this ends."""
+        return self.reply_author_id or self.author.id
 
 
 class CancelScope(StrEnum):
@@ -239,6 +298,30 @@ class Progress(_EventBase):
     data: dict[str, Any] | None = None
 
 
+class ApprovalRequest(_EventBase):
+    """An agent asks before it runs ``tool`` for its reply in ``turn_id``.
+
+    Anyone in the session may answer with an :class:`Approval` naming
+    ``request_id``; the first answer in the log decides. A request still
+    pending when its reply ends (for any reason) is void.
+    """
+
+    type: Literal["approval_request"] = "approval_request"
+    request_id: Annotated[str, Field(min_length=1, max_length=256)] = Field(default_factory=new_id)
+    tool: Annotated[str, Field(min_length=1, max_length=256)]
+    arguments: dict[str, Any] | None = None
+    description: str | None = None
+
+
+class Approval(_EventBase):
+    """An answer to the approval request ``request_id``: ``approved`` or not, by ``author``."""
+
+    type: Literal["approval"] = "approval"
+    request_id: Annotated[str, Field(min_length=1, max_length=256)]
+    approved: bool
+    note: str | None = None
+
+
 class UnknownEvent(BaseModel):
     """A message a reader could not interpret: an unknown ``type`` (a newer
     writer) or an invalid event. Kept so nothing is silently lost."""
@@ -255,17 +338,50 @@ class UnknownEvent(BaseModel):
 
 
 SessionEvent: TypeAlias = Annotated[
-    UserMessage | TurnStart | TextDelta | TurnEnd | Cancel | Steer | Progress,
+    UserMessage
+    | TurnStart
+    | TextDelta
+    | TurnEnd
+    | Cancel
+    | Steer
+    | Progress
+    | TurnLease
+    | TurnAdopt
+    | ApprovalRequest
+    | Approval,
     Field(discriminator="type"),
 ]
 
 _ADAPTER: TypeAdapter[SessionEvent] = TypeAdapter(SessionEvent)
 _KNOWN_TYPES = frozenset(
-    {"user_message", "turn_start", "text_delta", "turn_end", "cancel", "steer", "progress"}
+    {
+        "user_message",
+        "turn_start",
+        "text_delta",
+        "turn_end",
+        "cancel",
+        "steer",
+        "progress",
+        "turn_lease",
+        "turn_adopt",
+        "approval_request",
+        "approval",
+    }
 )
 
 AnyEvent: TypeAlias = (
-    UserMessage | TurnStart | TextDelta | TurnEnd | Cancel | Steer | Progress | UnknownEvent
+    UserMessage
+    | TurnStart
+    | TextDelta
+    | TurnEnd
+    | Cancel
+    | Steer
+    | Progress
+    | TurnLease
+    | TurnAdopt
+    | ApprovalRequest
+    | Approval
+    | UnknownEvent
 )
 
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 from urllib.parse import quote
@@ -57,6 +57,7 @@ from ._core.producer import ProducerStamp
 from ._errors import ClientClosed, DurableError, UsageError
 from ._events import (
     AnyEvent,
+    Approval,
     Author,
     AuthorKind,
     Cancel,
@@ -74,7 +75,7 @@ from ._producer import IdempotentProducer
 from ._results import AppendResult
 from ._retry import ReconnectPolicy, RetryPolicy
 from ._state import ConnectionStatus, StatusFeed
-from ._subscription import OnReplaced, StartPoint, Subscription, _Link
+from ._subscription import LeaseMode, OnReplaced, StartPoint, Subscription, _Link
 from ._transport import (
     PresenceChange,
     PresenceTransport,
@@ -207,6 +208,13 @@ class Session:
         self._subscriptions: set[Subscription] = set()
         self._links: set[asyncio.Timeout] = set()
         self._presence: Member | None = None
+        #: Producers of replies' lease generations, and background work (ends
+        #: written as an agent shuts down): aclose flushes and waits for them.
+        self._reply_producers: set[IdempotentProducer] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Replies this session's agents own: its own readers never end them.
+        self._held: set[tuple[str, str]] = set()
+        self._closing = False
         self._closed = False
 
     def __repr__(self) -> str:
@@ -230,17 +238,26 @@ class Session:
         nothing: closing a client never cancels a turn. Idempotent."""
         if self._closed:
             return
+        if self._closing:
+            return
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flush_timeout
+        if self._tasks:  # e.g. the end of a reply whose agent is shutting down
+            await asyncio.wait(set(self._tasks), timeout=flush_timeout)
         self._closed = True
         for subscription in list(self._subscriptions):
             await subscription.aclose()
-        producer = self._producer
-        if producer is not None:
+        producers = [p for p in (self._producer, *self._reply_producers) if p is not None]
+        for producer in producers:
             try:
-                await asyncio.wait_for(producer.detach(), flush_timeout)
+                await asyncio.wait_for(producer.detach(), max(0.0, deadline - loop.time()))
             except (TimeoutError, DurableError):
                 pass
             finally:
                 await producer.aclose()
+        for task in list(self._tasks):
+            task.cancel()
         await self._transport.aclose()
         self._status.closed()
 
@@ -394,6 +411,7 @@ class Session:
         queue_size: int = 1024,
         dedupe_capacity: int = 10_000,
         on_replaced: OnReplaced = "raise",
+        leases: LeaseMode = "end",
     ) -> Subscription:
         """Events from ``start`` on: history, then live, each exactly once, in order.
 
@@ -402,6 +420,13 @@ class Session:
         saves its position as events are processed. ``on_replaced`` says what
         happens if the stream was deleted and re-created since that position
         (see :class:`Subscription`).
+
+        ``leases`` says what the subscription does about leased replies that
+        go quiet (an agent that died mid-reply): ``"end"`` (default) re-checks
+        the log once a reply's lease runs out and, if nothing more is there,
+        ends the reply as ``abandoned`` (one end, whoever else tries);
+        ``"watch"`` only re-checks (a missed wake-up makes it reconnect);
+        ``"off"`` does neither.
         """
         self._check_open()
         subscription = Subscription(
@@ -412,6 +437,7 @@ class Session:
             queue_size=queue_size,
             dedupe_capacity=dedupe_capacity,
             on_replaced=on_replaced,
+            leases=leases,
         )
         self._subscriptions.add(subscription)
         return subscription
@@ -447,7 +473,41 @@ class Session:
         Events published by one Session land in the order they were queued.
         """
         self._check_open()
-        inner = self._publisher().append_json(event.to_json())
+        return self._publish_via(self._publisher(), event)
+
+    def _reply_producer(self, producer_id: str, epoch: int) -> IdempotentProducer:
+        """A producer of its own for one reply's lease generation (``_core.leases``):
+        no auto-claim, since a 403 there means another owner took the reply."""
+        self._check_open()
+        producer = IdempotentProducer(
+            _DroppableSink(self),
+            producer_id,
+            epoch=epoch,
+            auto_claim=False,
+            linger=self._publish_linger,
+            max_in_flight=self._max_in_flight,
+            retry=self.reconnect,
+            on_retry=self._status.retrying,
+            on_success=self._status.connected,
+        )
+        self._reply_producers.add(producer)
+        return producer
+
+    async def _release_producer(self, producer: IdempotentProducer) -> None:
+        self._reply_producers.discard(producer)
+        await producer.aclose()
+
+    def _background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``coro`` beside the caller; :meth:`aclose` waits for it (within its flush time)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve)
+
+    def _publish_via(
+        self, producer: IdempotentProducer, event: AnyEvent
+    ) -> asyncio.Future[PublishAck]:
+        inner = producer.append_json(event.to_json())
         outer: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
 
         def transfer(fut: asyncio.Future[Any]) -> None:
@@ -523,6 +583,21 @@ class Session:
     ) -> PublishAck:
         """Publish guidance for the running turn ``turn_id``."""
         return await self.publish(Steer(author=self.author, turn_id=turn_id, text=text, mode=mode))
+
+    async def approve(
+        self, turn_id: str, request_id: str, approved: bool = True, *, note: str | None = None
+    ) -> PublishAck:
+        """Answer an agent's approval request (``approved=False`` denies it).
+        The first answer in the session decides; later ones change nothing."""
+        return await self.publish(
+            Approval(
+                author=self.author,
+                turn_id=turn_id,
+                request_id=request_id,
+                approved=approved,
+                note=note,
+            )
+        )
 
     async def report_progress(
         self,

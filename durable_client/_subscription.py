@@ -25,6 +25,7 @@ from ._core.subscription import (
 )
 from ._errors import ClientClosed, ConnectionLost, DurableError, UsageError
 from ._events import AnyEvent
+from ._leases import LeaseMode, LeaseWatch
 from ._offsets import OffsetStore, Position
 from ._protocol import OFFSET_BEGINNING, OFFSET_NOW
 from ._retry import Retrying
@@ -32,7 +33,7 @@ from ._retry import Retrying
 if TYPE_CHECKING:
     from ._session import Session
 
-__all__ = ["OnReplaced", "StartPoint", "Subscription"]
+__all__ = ["LeaseMode", "OnReplaced", "StartPoint", "Subscription"]
 
 #: Where a subscription starts: ``"beginning"``, ``"now"``, a saved
 #: :class:`Position`, or an offset string from an earlier read.
@@ -125,9 +126,12 @@ class Subscription:
         queue_size: int,
         dedupe_capacity: int,
         on_replaced: OnReplaced = "raise",
+        leases: LeaseMode = "end",
     ) -> None:
         if on_replaced not in ("raise", "restart"):
             raise UsageError(f"on_replaced must be 'raise' or 'restart': {on_replaced!r}")
+        if leases not in ("end", "watch", "off"):
+            raise UsageError(f"leases must be 'end', 'watch' or 'off': {leases!r}")
         self._session = session
         self._start = start
         self.on_replaced: OnReplaced = on_replaced
@@ -151,6 +155,10 @@ class Subscription:
         #: The position the subscription started from, once it is pinned.
         self.start_position: Position | None = None
         self._pinned = asyncio.Event()
+        #: The reader watchdog over leased replies (``None`` with ``leases="off"``).
+        self.leases: LeaseWatch | None = (
+            LeaseWatch(self, session, leases) if leases != "off" else None
+        )
 
     @property
     def replacements(self) -> int:
@@ -198,6 +206,8 @@ class Subscription:
         if self._closed:
             return
         self._closed = True
+        if self.leases is not None:
+            self.leases.close()
         task = self._task
         if task is not None:
             task.cancel()
@@ -224,8 +234,12 @@ class Subscription:
                     await self._commit()
                     continue
                 self._pending = item.position
+                if self.leases is not None:
+                    self.leases.observe(item.event)
                 return item.event
             self._done = True
+            if self.leases is not None:
+                self.leases.close()
             await self._commit()
             if isinstance(item, _Failure):
                 raise item.error

@@ -12,9 +12,15 @@ Rules, in stream order:
 - ``user_message`` opens its turn. ``turn_start`` opens the reply of its
   author in that turn; a ``text_delta`` appends to it (opening it if the
   start was not seen).
-- ``turn_end`` closes the reply once: later ends and later deltas of that
-  reply are ignored, so the reply's text is exactly what was streamed before
-  its end. A cancelled reply keeps its partial text.
+- ``turn_end`` closes the reply once (the reply of ``reply_author_id``, by
+  default its author): later ends and later deltas of that reply are
+  ignored, so the reply's text is exactly what was streamed before its end.
+  A cancelled or abandoned reply keeps its partial text.
+- ``turn_lease`` renews a reply's lease; ``turn_adopt`` hands the reply to a
+  new owner (its ``generation`` and ``holder``), which continues its text.
+- ``approval_request`` opens a pending approval on its turn; the first
+  ``approval`` naming it decides; a request still pending when the reply
+  that asked ends is void (``expired``).
 - ``cancel`` marks every open reply it applies to (and open turns no agent
   has answered yet) as *cancel requested*; the reply ends when its agent
   publishes ``turn_end`` with reason ``cancelled``. Nothing else cancels.
@@ -31,20 +37,24 @@ from enum import StrEnum
 
 from ._events import (
     AnyEvent,
+    Approval,
+    ApprovalRequest,
     Author,
     Cancel,
     EndReason,
     Progress,
     Steer,
     TextDelta,
+    TurnAdopt,
     TurnEnd,
+    TurnLease,
     TurnStart,
     UnknownEvent,
     UserMessage,
 )
 from ._offsets import EventIdDeduper
 
-__all__ = ["Reply", "ReplyStatus", "Transcript", "Turn"]
+__all__ = ["ApprovalState", "ApprovalStatus", "Reply", "ReplyStatus", "Transcript", "Turn"]
 
 
 class ReplyStatus(StrEnum):
@@ -52,13 +62,36 @@ class ReplyStatus(StrEnum):
     COMPLETE = "complete"
     CANCELLED = "cancelled"
     ERROR = "error"
+    ABANDONED = "abandoned"
 
 
 _END_STATUS = {
     EndReason.COMPLETE: ReplyStatus.COMPLETE,
     EndReason.CANCELLED: ReplyStatus.CANCELLED,
     EndReason.ERROR: ReplyStatus.ERROR,
+    EndReason.ABANDONED: ReplyStatus.ABANDONED,
 }
+
+
+class ApprovalStatus(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    #: The reply that asked ended before anyone answered.
+    EXPIRED = "expired"
+
+
+@dataclass
+class ApprovalState:
+    """An agent's request to run a tool, and its answer once there is one."""
+
+    request: ApprovalRequest
+    decision: Approval | None = None
+    status: ApprovalStatus = ApprovalStatus.PENDING
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
 
 @dataclass
@@ -72,6 +105,16 @@ class Reply:
     error: str | None = None
     cancel_requested: bool = False
     deltas: int = 0
+    #: Seconds the reply's owner promised to renew its lease in (``None``: not leased).
+    lease_ttl: float | None = None
+    #: The lease generation: 0 from ``turn_start``, one more per ``turn_adopt``.
+    generation: int = 0
+    #: The process that owns the reply now, as it named itself.
+    holder: str | None = None
+    #: How many times a new owner took the reply over.
+    adoptions: int = 0
+    #: The ``turn_end`` that ended it (who wrote it: ``end.author``).
+    end: TurnEnd | None = None
 
     @property
     def done(self) -> bool:
@@ -87,7 +130,17 @@ class Turn:
     replies: dict[str, Reply] = field(default_factory=dict)
     steers: list[Steer] = field(default_factory=list)
     progress: list[Progress] = field(default_factory=list)
+    approvals: dict[str, ApprovalState] = field(default_factory=dict)
     cancel_requested: bool = False
+
+    @property
+    def retry_of(self) -> str | None:
+        """The turn this one asks again, if its message is a retry."""
+        return self.message.retry_of if self.message is not None else None
+
+    @property
+    def pending_approvals(self) -> list[ApprovalState]:
+        return [a for a in self.approvals.values() if a.status is ApprovalStatus.PENDING]
 
     @property
     def opener_id(self) -> str | None:
@@ -192,17 +245,32 @@ class Transcript:
             if turn.message is None:
                 turn.message = event
         elif isinstance(event, TurnStart):
-            self._reply(self._turn(event.turn_id), event.author)
+            reply = self._reply(self._turn(event.turn_id), event.author)
+            if not reply.done and reply.lease_ttl is None and event.lease_ttl is not None:
+                reply.lease_ttl = event.lease_ttl
+                reply.holder = event.holder
         elif isinstance(event, TextDelta):
             reply = self._reply(self._turn(event.turn_id), event.author)
             if not reply.done:
                 reply.text += event.text
                 reply.deltas += 1
-        elif isinstance(event, TurnEnd):
+        elif isinstance(event, TurnLease | TurnAdopt):
             reply = self._reply(self._turn(event.turn_id), event.author)
-            if not reply.done:
-                reply.status = _END_STATUS[event.reason]
-                reply.error = event.error
+            if not reply.done and event.generation >= reply.generation:
+                if isinstance(event, TurnAdopt) and event.generation > reply.generation:
+                    reply.adoptions += 1
+                reply.generation = event.generation
+                reply.lease_ttl = event.ttl
+                reply.holder = event.holder
+        elif isinstance(event, TurnEnd):
+            self._end(event)
+        elif isinstance(event, ApprovalRequest):
+            turn = self._turn(event.turn_id)
+            asking = turn.replies.get(event.author.id)
+            if event.request_id not in turn.approvals and not (asking is not None and asking.done):
+                turn.approvals[event.request_id] = ApprovalState(event)
+        elif isinstance(event, Approval):
+            self._decide(event)
         elif isinstance(event, Cancel):
             self._apply_cancel(event)
         elif isinstance(event, Steer):
@@ -210,6 +278,40 @@ class Transcript:
         elif isinstance(event, Progress):
             self._turn(event.turn_id).progress.append(event)
         return True
+
+    def _end(self, end: TurnEnd) -> None:
+        turn = self._turn(end.turn_id)
+        author = end.author
+        if end.reply_author_id is not None and end.reply_author_id != author.id:
+            known = turn.replies.get(end.reply_author_id)
+            author = known.author if known is not None else Author.agent(end.reply_author_id)
+        reply = self._reply(turn, author)
+        if reply.done:
+            return
+        reply.status = _END_STATUS[end.reason]
+        reply.error = end.error
+        reply.end = end
+        for approval in turn.approvals.values():
+            if approval.status is ApprovalStatus.PENDING and (
+                approval.request.author.id == reply.author.id
+            ):
+                approval.status = ApprovalStatus.EXPIRED
+
+    def _decide(self, decision: Approval) -> None:
+        turn = self._turns.get(decision.turn_id)
+        approval = turn.approvals.get(decision.request_id) if turn is not None else None
+        if approval is None or approval.status is not ApprovalStatus.PENDING:
+            return  # unknown request, or decided (or void) already: the first answer stands
+        approval.decision = decision
+        approval.status = ApprovalStatus.APPROVED if decision.approved else ApprovalStatus.DENIED
+
+    def approval(self, request_id: str) -> ApprovalState | None:
+        """The approval request ``request_id`` and its state, in any turn."""
+        for turn in self.turns:
+            found = turn.approvals.get(request_id)
+            if found is not None:
+                return found
+        return None
 
     def _apply_cancel(self, cancel: Cancel) -> None:
         self.cancels.append(cancel)
