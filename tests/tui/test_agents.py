@@ -150,7 +150,14 @@ async def start_model_agent(server: RunningServer, url: str, session_id: str) ->
         await model_answer(agent, turn, http, config)
 
     return asyncio.create_task(
-        run_agent(server.url, session_id, Author.agent("gpt", "Model"), answer, MemoryOffsetStore())
+        run_agent(
+            server.url,
+            session_id,
+            Author.agent("gpt", "Model"),
+            answer,
+            MemoryOffsetStore(),
+            holder="model-host",
+        )
     )
 
 
@@ -256,7 +263,15 @@ async def test_two_hosts_racing_on_one_turn_reply_once() -> None:
             handled[name].append((turn_id, answered))
 
         return asyncio.create_task(
-            run_agent(server.url, "race", ASSISTANT, answer, MemoryOffsetStore(), on_turn=record)
+            run_agent(
+                server.url,
+                "race",
+                ASSISTANT,
+                answer,
+                MemoryOffsetStore(),
+                holder=f"host-{name}",
+                on_turn=record,
+            )
         )
 
     async with serve() as server:

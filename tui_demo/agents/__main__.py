@@ -32,10 +32,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key"
     )
-    parser.add_argument("--state-dir", type=Path, help="where to keep read offsets")
+    parser.add_argument(
+        "--state-dir", type=Path, help="where to keep read offsets and this host's name"
+    )
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=10.0,
+        help="seconds a reply may go silent before readers end it as abandoned (default 10)",
+    )
     parser.add_argument("--pidfile", type=Path, help="write the process id here")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    if not 0.05 < args.lease_ttl <= 3600:
+        parser.error("--lease-ttl must be more than 0.05 and at most 3600 seconds")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     model = None
@@ -48,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         helper=not args.no_helper,
         model=model,
         state_dir=args.state_dir,
+        lease_ttl=args.lease_ttl,
     )
     if args.pidfile is not None:
         args.pidfile.parent.mkdir(parents=True, exist_ok=True)

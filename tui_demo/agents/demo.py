@@ -4,6 +4,12 @@ The reply is built from the user's words (no model, no network), streamed a
 word at a time at ``token_rate`` words per second, and it honours cancel and
 steer like a real agent: a cancel stops it within one token; a steer arriving
 mid-reply is acknowledged in the text and shapes the rest of it.
+
+Two more things a real agent does, shown here: a message that asks to
+*save* something makes the agent ask for approval before it runs its one
+tool (``save_note``; any terminal approves or denies), and a reply left
+unfinished by a host that died is continued by the restarted host exactly
+where the log stops (:func:`resume`).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import hashlib
 import re
 from collections.abc import AsyncIterator
 
-from durable_client import Agent, IncomingTurn, ProgressStatus
+from durable_client import Agent, AgentReply, IncomingTurn, ProgressStatus, Unfinished
 
 TOPICS = (
     "durable sessions",
@@ -79,11 +85,40 @@ def _acknowledgement(steer: str) -> str:
     return f"> Noted: *{steer}*. Adjusting as I go.\n\n"
 
 
+#: The demo's one tool, run only with approval.
+TOOL = "save_note"
+
+
+def wants_tool(prompt: str) -> bool:
+    """Whether the prompt asks the demo agent to save something (its tool)."""
+    return "save" in _words(prompt)
+
+
+async def _ask_to_save(reply: AgentReply, prompt: str, token_rate: float) -> None:
+    async for token in tokens("I can save your message as a note. Asking first.\n\n", token_rate):
+        await reply.write(token)
+    decision = await reply.request_approval(
+        TOOL,
+        arguments={"text": prompt[:200]},
+        description="save your message as a note in this session",
+    )
+    who = decision.author.name or decision.author.id
+    if decision.approved:
+        await reply.progress(TOOL, status=ProgressStatus.COMPLETED, message="note saved")
+        line = f"**Saved** (approved by {who}).\n\n"
+    else:
+        line = f"**Not saved**: {who} said no.\n\n"
+    async for token in tokens(line, token_rate):
+        await reply.write(token)
+
+
 async def answer(agent: Agent, turn: IncomingTurn, *, token_rate: float) -> None:
     """Stream the reply to one turn. A steer mid-reply is acknowledged at the next break
     between blocks (never inside a list, a paragraph or code) and shapes the closing;
     a cancel ends the turn as cancelled."""
     async with agent.reply(turn) as reply:
+        if wants_tool(turn.text):
+            await _ask_to_save(reply, turn.text, token_rate)
         steers: list[str] = []
         waiting: list[str] = []  # steers not acknowledged yet
         async for token in tokens(compose_reply(turn.text), token_rate):
@@ -104,6 +139,22 @@ async def answer(agent: Agent, turn: IncomingTurn, *, token_rate: float) -> None
         for text in steers:
             async for token in tokens(f"\nAs you asked (*{text}*): done.\n", token_rate):
                 await reply.write(token)
+
+
+async def resume(agent: Agent, left: Unfinished, *, token_rate: float) -> None:
+    """Continue a reply this agent left unfinished (its host died): the rest of
+    the same deterministic reply, after exactly the text already in the log.
+
+    If the text so far is not a prefix of the composed reply (a steer shaped
+    it), the reply is closed with a note instead of guessing."""
+    prompt = left.message.text if left.message is not None else ""
+    full = compose_reply(prompt)
+    async with await agent.adopt(left) as reply:
+        rest = full[len(reply.text) :] if full.startswith(reply.text) else None
+        if rest is None:
+            rest = "\n\n*(The agent restarted here and closed this reply.)*\n"
+        async for token in tokens(rest, token_rate):
+            await reply.write(token)
 
 
 async def research(agent: Agent, turn: IncomingTurn, *, steps: int = 3, pace: float = 0.6) -> None:

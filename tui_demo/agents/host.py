@@ -7,11 +7,15 @@ the session itself. Offsets are saved per session, so a restarted host
 resumes where it stopped and answers messages that arrived while it was down.
 
 Each turn is answered once per agent, whatever the number of hosts and
-restarts: before replying, an agent *claims* the turn by creating a stream
-named after (session, agent, turn) on the server. Creating a stream is
-atomic, so of two hosts racing for one turn exactly one is told it created
-the claim; the other stands down. A host that restarts without its read
-positions finds the claims (and the replies) of the turns it answered before.
+restarts. Every reply is leased (``durable_client._core.leases``): an agent
+starting a reply claims it, and of two hosts racing for one turn exactly
+one gets it; the other is told so (:class:`~durable_client.TurnFenced`) and
+stands down. A host that dies mid-reply stops renewing the lease, and the
+session's readers end the reply as ``abandoned`` once it lapses. A host
+restarted with the same ``--state-dir`` keeps its name (the lease holder) and
+takes its unfinished replies back: the demo agent continues the text where
+the log stops; a model agent ends them cleanly (a chat-completions stream
+cannot be resumed).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote
 
 import httpx
 
@@ -36,8 +39,10 @@ from durable_client import (
     MemoryOffsetStore,
     OffsetStore,
     Session,
+    TurnFenced,
+    Unfinished,
+    new_id,
 )
-from durable_client.streams import DurableStream
 
 from .._index import follow
 from . import demo
@@ -58,13 +63,13 @@ class HostConfig:
     helper: bool = True
     model: ModelConfig | None = None
     state_dir: Path | None = None
+    #: Seconds a reply may go without a word before readers end it as abandoned.
+    lease_ttl: float = 10.0
 
 
 Answer = Callable[[Agent, IncomingTurn], Awaitable[None]]
-
-
-#: Where the turn claims live: one empty stream per (session, agent, turn).
-CLAIMS_PATH = "/v1/stream/chat-claims/{session}/{agent}/{turn}"
+#: What to do with a reply a previous run of this host left open.
+Resume = Callable[[Agent, Unfinished], Awaitable[None]]
 
 
 def already_answered(agent: Agent, turn: IncomingTurn) -> bool:
@@ -72,24 +77,6 @@ def already_answered(agent: Agent, turn: IncomingTurn) -> bool:
     not (a reply still streaming belongs to a live host, or to one that crashed)."""
     known = agent.transcript.turn(turn.turn_id)
     return known is not None and known.reply_of(agent.author.id) is not None
-
-
-async def claim_turn(server: str, session_id: str, agent_id: str, turn_id: str) -> bool:
-    """Claim the right to answer ``turn_id`` as ``agent_id``; True for exactly one caller.
-
-    The claim is a stream creation. The server creates a path once, so one caller
-    gets "created" and every other (another host, or this agent after a restart)
-    gets "existed". A create retried after its answer was lost carries the same
-    Idempotency-Key and is still told "created".
-    """
-    path = CLAIMS_PATH.format(
-        session=quote(session_id, safe=""),
-        agent=quote(agent_id, safe=""),
-        turn=quote(turn_id, safe=""),
-    )
-    async with DurableStream(server.rstrip("/") + path, content_type="text/plain") as claim:
-        result = await claim.create()
-    return result.created
 
 
 OnTurn = Callable[[str, bool], None]
@@ -103,35 +90,71 @@ async def run_agent(
     answer: Answer,
     offsets: OffsetStore,
     *,
+    holder: str,
+    lease_ttl: float = 10.0,
+    resume: Resume | None = None,
     on_turn: OnTurn | None = None,
 ) -> None:
     """Answer the turns of one session as ``author``, one at a time, until cancelled.
 
-    A turn that already has a reply by ``author``, or that another host (or an
-    earlier run) claimed, is left alone: each turn gets one reply per agent.
+    First, replies that ``holder`` (this host, in an earlier run) left open are
+    handed to ``resume`` (default: ended as abandoned). Then each turn gets
+    one reply per agent: a turn that already has one, or that another host
+    claims first, is left alone.
     """
     async with (
         Session(server, session_id, author=author) as session,
-        Agent(session, start="beginning", offset_store=offsets) as agent,
+        Agent(
+            session,
+            start="beginning",
+            offset_store=offsets,
+            lease_ttl=lease_ttl,
+            holder=holder,
+        ) as agent,
     ):
+        for left in await agent.unfinished():
+            if left.holder != holder:
+                continue  # another host's: its lease decides
+            try:
+                if resume is not None:
+                    await resume(agent, left)
+                else:
+                    await agent.abandon(left)
+            except TurnFenced as exc:
+                log.info("session %s turn %s: %s", session_id, left.turn_id, exc)
+            except DurableError as exc:
+                log.warning("session %s turn %s: %s", session_id, left.turn_id, exc)
         async for turn in agent.turns():
             answered = False
             try:
-                if not already_answered(agent, turn) and await claim_turn(
-                    server, session_id, author.id, turn.turn_id
-                ):
+                if already_answered(agent, turn):
+                    log.info("session %s turn %s: already answered", session_id, turn.turn_id)
+                else:
                     answered = True
                     await answer(agent, turn)
-                else:
-                    log.info(
-                        "session %s turn %s: already answered or claimed; not again",
-                        session_id,
-                        turn.turn_id,
-                    )
+            except TurnFenced:  # another host claimed it first
+                answered = False
+                log.info("session %s turn %s: claimed by another host", session_id, turn.turn_id)
             except DurableError as exc:  # the turn ended with an error; keep serving
                 log.warning("session %s turn %s: %s", session_id, turn.turn_id, exc)
             if on_turn is not None:
                 on_turn(turn.turn_id, answered)
+
+
+def host_name(state_dir: Path | None) -> str:
+    """This host's lease holder name: kept in ``state_dir`` so a restart is
+    recognised as the same host; random without one."""
+    if state_dir is None:
+        return f"host-{new_id()[:12]}"
+    path = state_dir / "holder"
+    try:
+        name = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        name = ""
+    if not name:
+        name = f"host-{new_id()[:12]}"
+        path.write_text(name + "\n", encoding="utf-8")
+    return name
 
 
 class AgentHost:
@@ -144,6 +167,7 @@ class AgentHost:
             self.offsets: OffsetStore = FileOffsetStore(config.state_dir / "offsets.json")
         else:
             self.offsets = MemoryOffsetStore()
+        self.holder = host_name(config.state_dir)
 
     def _main_answer(self) -> Answer:
         config = self.config
@@ -161,23 +185,44 @@ class AgentHost:
 
         return by_demo
 
+    def _resume(self) -> Resume | None:
+        if self.config.agent != "demo":
+            return None  # a model's stream cannot be picked up again: end the reply
+        rate = self.config.token_rate
+
+        async def continue_demo(agent: Agent, left: Unfinished) -> None:
+            await demo.resume(agent, left, token_rate=rate)
+
+        return continue_demo
+
     def serve(self, session_id: str) -> None:
         if session_id in self.sessions:
             return
         log.info("serving session %s", session_id)
-        tasks = [self._task(session_id, ASSISTANT, self._main_answer())]
+        tasks = [self._task(session_id, ASSISTANT, self._main_answer(), self._resume())]
         if self.config.helper and self.config.agent == "demo":
 
             async def research(agent: Agent, turn: IncomingTurn) -> None:
                 await demo.research(agent, turn)
 
-            tasks.append(self._task(session_id, HELPER, research))
+            tasks.append(self._task(session_id, HELPER, research, None))
         self.sessions[session_id] = tasks
 
-    def _task(self, session_id: str, author: Author, answer: Answer) -> asyncio.Task[None]:
+    def _task(
+        self, session_id: str, author: Author, answer: Answer, resume: Resume | None
+    ) -> asyncio.Task[None]:
         async def guarded() -> None:
             try:
-                await run_agent(self.config.server, session_id, author, answer, self.offsets)
+                await run_agent(
+                    self.config.server,
+                    session_id,
+                    author,
+                    answer,
+                    self.offsets,
+                    holder=self.holder,
+                    lease_ttl=self.config.lease_ttl,
+                    resume=resume,
+                )
             except DurableError as exc:
                 log.warning("agent %s left session %s: %s", author.id, session_id, exc)
 
