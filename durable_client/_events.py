@@ -27,6 +27,7 @@ docs/session-events.md is the reference for humans.
 from __future__ import annotations
 
 import time
+import typing
 import uuid
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeAlias
@@ -337,39 +338,7 @@ class UnknownEvent(BaseModel):
         return self.raw
 
 
-SessionEvent: TypeAlias = Annotated[
-    UserMessage
-    | TurnStart
-    | TextDelta
-    | TurnEnd
-    | Cancel
-    | Steer
-    | Progress
-    | TurnLease
-    | TurnAdopt
-    | ApprovalRequest
-    | Approval,
-    Field(discriminator="type"),
-]
-
-_ADAPTER: TypeAdapter[SessionEvent] = TypeAdapter(SessionEvent)
-_KNOWN_TYPES = frozenset(
-    {
-        "user_message",
-        "turn_start",
-        "text_delta",
-        "turn_end",
-        "cancel",
-        "steer",
-        "progress",
-        "turn_lease",
-        "turn_adopt",
-        "approval_request",
-        "approval",
-    }
-)
-
-AnyEvent: TypeAlias = (
+_Known: TypeAlias = (
     UserMessage
     | TurnStart
     | TextDelta
@@ -381,8 +350,16 @@ AnyEvent: TypeAlias = (
     | TurnAdopt
     | ApprovalRequest
     | Approval
-    | UnknownEvent
 )
+
+SessionEvent: TypeAlias = Annotated[_Known, Field(discriminator="type")]
+
+_ADAPTER: TypeAdapter[SessionEvent] = TypeAdapter(SessionEvent)
+_KNOWN_TYPES = frozenset(
+    member.model_fields["type"].default for member in typing.get_args(_Known)
+)
+
+AnyEvent: TypeAlias = _Known | UnknownEvent
 
 
 def parse_event(message: Any) -> AnyEvent:

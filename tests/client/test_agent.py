@@ -15,12 +15,9 @@ from durable_client import (
     Author,
     EndReason,
     IncomingTurn,
-    ReconnectPolicy,
     ReplyStatus,
-    RetryPolicy,
     Session,
     Steer,
-    Subscription,
     TextDelta,
     Transcript,
     TurnCancelled,
@@ -28,16 +25,11 @@ from durable_client import (
     UserMessage,
 )
 from tests._await import until
+from tests.client._sessions import read_until, session_at
 
 pytestmark = pytest.mark.both_transports
 
-FAST_RECONNECT = ReconnectPolicy(initial_delay=0.01, max_delay=0.05)
-FAST_RETRY = RetryPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=3)
 ANN = Author.user("ann")
-
-
-def session_at(base: str, session_id: str, author: Author) -> Session:
-    return Session(base, session_id, author=author, retry=FAST_RETRY, reconnect=FAST_RECONNECT)
 
 
 async def tokens(delay: float = 0.002) -> AsyncIterator[str]:
@@ -74,18 +66,6 @@ async def running_agent(
             server.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await server
-
-
-async def read_until(
-    subscription: Subscription, done: Callable[[AnyEvent], bool], timeout: float = 10.0
-) -> list[AnyEvent]:
-    events: list[AnyEvent] = []
-    async with asyncio.timeout(timeout):
-        async for event in subscription:
-            events.append(event)
-            if done(event):
-                break
-    return events
 
 
 def is_end(event: AnyEvent) -> bool:

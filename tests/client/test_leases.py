@@ -30,11 +30,8 @@ from durable_client import (
     Author,
     EndReason,
     IncomingTurn,
-    ReconnectPolicy,
     ReplyStatus,
-    RetryPolicy,
     Session,
-    Subscription,
     TextDelta,
     Transcript,
     TurnAdopt,
@@ -46,19 +43,14 @@ from durable_client import (
 from durable_client._core.leases import reply_producer_id
 from durable_client._leases import end_reply
 from tests._await import until
+from tests.client._sessions import read_until, session_at
 
 pytestmark = pytest.mark.both_transports
 
-FAST_RECONNECT = ReconnectPolicy(initial_delay=0.01, max_delay=0.05)
-FAST_RETRY = RetryPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=3)
 ANN = Author.user("ann")
 BOB = Author.user("bob")
 BOT = Author.agent("bot", "Bot")
 TTL = 0.4
-
-
-def session_at(base: str, session_id: str, author: Author) -> Session:
-    return Session(base, session_id, author=author, retry=FAST_RETRY, reconnect=FAST_RECONNECT)
 
 
 @pytest.fixture
@@ -89,18 +81,6 @@ async def dead_agent_reply(user: Session, *, text: str = "half a rep") -> str:
     delta = TextDelta(author=BOT, turn_id=turn_id, text=text)
     assert await raw_append(user.url, turn_id, 0, 1, delta) == 200
     return turn_id
-
-
-async def read_until(
-    subscription: Subscription, done: Callable[[AnyEvent], bool], timeout: float = 10.0
-) -> list[AnyEvent]:
-    events: list[AnyEvent] = []
-    async with asyncio.timeout(timeout):
-        async for event in subscription:
-            events.append(event)
-            if done(event):
-                break
-    return events
 
 
 async def whole_log(session: Session) -> list[AnyEvent]:
