@@ -10,6 +10,9 @@ long_poll_ms=500
 workdir="$(mktemp -d)"
 args=(--host 127.0.0.1 --port 0 --long-poll-timeout 0.5)
 [ "$backend" = sqlite ] && args+=(--data-dir "$workdir/data")
+# The suite's optional subscription tests (docs/subscriptions.md); DS_SUBSCRIPTIONS=0 skips them.
+export DS_SUBSCRIPTIONS="${DS_SUBSCRIPTIONS:-1}"
+[ "$DS_SUBSCRIPTIONS" = 1 ] && args+=(--subscriptions)
 "$python" -m mock_server "${args[@]}" >"$workdir/server.log" 2>&1 &
 server_pid=$!
 cleanup() { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; rm -rf "$workdir"; }

@@ -355,9 +355,7 @@ _Known: TypeAlias = (
 SessionEvent: TypeAlias = Annotated[_Known, Field(discriminator="type")]
 
 _ADAPTER: TypeAdapter[SessionEvent] = TypeAdapter(SessionEvent)
-_KNOWN_TYPES = frozenset(
-    member.model_fields["type"].default for member in typing.get_args(_Known)
-)
+_KNOWN_TYPES = frozenset(member.model_fields["type"].default for member in typing.get_args(_Known))
 
 AnyEvent: TypeAlias = _Known | UnknownEvent
 

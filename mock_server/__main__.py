@@ -132,6 +132,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="apply this fault plan (.json, .yaml) from the start; see docs/chaos.md",
     )
     parser.add_argument(
+        "--subscriptions",
+        action="store_true",
+        help="serve the reserved __ds subscription API: webhooks (outbound HTTP) and"
+        " pull-wake; see docs/subscriptions.md",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -185,6 +191,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         log_level=args.log_level,
         chaos=args.chaos,
         fault_plan=args.fault_plan,
+        subscriptions=args.subscriptions,
     )
 
 

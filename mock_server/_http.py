@@ -22,7 +22,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote_to_bytes, urlsplit
@@ -375,6 +375,8 @@ class DurableStreamsApp:
         self.shutting_down = asyncio.Event()
         self.started_at = time.time()
         self.websocket_handler: App | None = None
+        # The reserved {root}/__ds API (subscriptions, _subscriptions_http.py), when enabled.
+        self.control_api: Callable[[Request, Send], Awaitable[None]] | None = None
         self.extra_routes = dict(extra_routes or {})
 
     def begin_shutdown(self) -> None:
@@ -476,6 +478,10 @@ class DurableStreamsApp:
             return
         if not req.path.startswith(P.STREAM_PATH_PREFIX) or req.path == P.STREAM_PATH_PREFIX:
             raise ProtocolError(404, "no such route; streams live under /v1/stream/{path}")
+        reserved = req.path[len(P.STREAM_PATH_PREFIX) :].split("/", 1)[0] == P.RESERVED_PREFIX
+        if reserved and self.control_api is not None:
+            await self.control_api(req, send)
+            return
         check_not_reserved(req.path)
         handlers = {
             "PUT": self._create,

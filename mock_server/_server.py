@@ -48,6 +48,7 @@ class Settings:
     log_level: str = "info"
     chaos: bool = False  # fault middleware and its admin endpoint (/_chaos/...)
     fault_plan: Path | None = None  # a fault plan (.json/.yaml) applied from the start
+    subscriptions: bool = False  # the reserved __ds subscription API (docs/subscriptions.md)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,7 +80,37 @@ def build_app(settings: Settings) -> DurableStreamsApp:
             ),
             app.shutting_down,
         )
+    if settings.subscriptions:
+        # Imported here: cryptography is loaded only by a server that signs webhooks.
+        from ._subscriptions import SubscriptionManager
+        from ._subscriptions_http import ControlApi
+        from ._webhooks import SigningKey
+
+        key = (
+            SigningKey.in_directory(settings.data_dir)
+            if settings.data_dir is not None
+            else SigningKey.generate()
+        )
+        state = settings.data_dir / "subscriptions.json" if settings.data_dir is not None else None
+        manager = SubscriptionManager(app.store, key, stopping=app.shutting_down, state_file=state)
+        app.control_api = ControlApi(manager)
     return app
+
+
+def _start_subscriptions(app: DurableStreamsApp) -> None:
+    """Wake what a restart left pending, once the loop runs."""
+    from ._subscriptions_http import ControlApi
+
+    if isinstance(app.control_api, ControlApi):
+        asyncio.get_running_loop().call_soon(app.control_api.manager.resume)
+
+
+async def _stop_subscriptions(app: DurableStreamsApp) -> None:
+    """Cancel webhook deliveries and leases once the server has stopped."""
+    from ._subscriptions_http import ControlApi
+
+    if isinstance(app.control_api, ControlApi):
+        await app.control_api.manager.aclose()
 
 
 class _Server(uvicorn.Server):
@@ -163,7 +194,11 @@ async def run(settings: Settings, *, wrap: Wrap | None = None) -> None:
         f"durable session server on {url_of(sock)} (streams {storage}{chaos}; Ctrl-C stops)",
         flush=True,
     )
-    await server.serve(sockets=[sock])
+    _start_subscriptions(app)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        await _stop_subscriptions(app)
 
 
 @dataclass
@@ -212,6 +247,7 @@ async def serve(
         raise
     _announce(app, sock)
     server = _Server(_uvicorn_config(wrap(app) if wrap is not None else app, settings), app)
+    _start_subscriptions(app)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:  # uvicorn has no start event; it sets this flag
@@ -226,6 +262,7 @@ async def serve(
         try:
             await task
         finally:
+            await _stop_subscriptions(app)
             sock.close()
             # The lifespan shutdown closed it already, unless uvicorn never got that far;
             # either way the data directory is free for the next server when we return.

@@ -204,6 +204,9 @@ class StreamStore:
         self._streams: dict[str, StreamState] = {}
         self._changed: dict[str, asyncio.Future[None]] = {}
         self._waiting: dict[str, int] = {}
+        # Called with the path after every create, append, close and delete (subscriptions
+        # wake on it); a listener must not call back into the store before it returns.
+        self.listeners: list[Callable[[str], None]] = []
         now = clock()
         for state in self.storage.load():
             # Reads refresh a sliding TTL without a write; after a restart the
@@ -327,6 +330,7 @@ class StreamStore:
         self._streams[path] = state
         if source is not None:
             source.ref_count += 1
+        self._notify(path)
         return state, True
 
     def _same_config(self, state: StreamState, req: CreateRequest) -> bool:
@@ -803,6 +807,8 @@ class StreamStore:
         future = self._changed.pop(path, None)
         if future is not None and not future.done():
             future.set_result(None)
+        for listener in self.listeners:
+            listener(path)
 
     # ------------------------------------------------------------------ delete / retention
 
