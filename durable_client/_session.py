@@ -546,10 +546,18 @@ class Session:
     # --- helpers for common events ------------------------------------------------------
 
     async def send_message(
-        self, text: str, *, to: tuple[str, ...] | None = None, turn_id: str | None = None
+        self,
+        text: str,
+        *,
+        to: tuple[str, ...] | None = None,
+        turn_id: str | None = None,
+        retry_of: str | None = None,
     ) -> PublishAck:
-        """Publish a user message opening a new turn (``ack.event.turn_id``)."""
-        event = UserMessage(author=self.author, text=text, to=to, turn_id=turn_id or new_id())
+        """Publish a user message opening a new turn (``ack.event.turn_id``);
+        ``retry_of`` names the turn it asks again (a reply that was abandoned or failed)."""
+        event = UserMessage(
+            author=self.author, text=text, to=to, turn_id=turn_id or new_id(), retry_of=retry_of
+        )
         return await self.publish(event)
 
     async def cancel(

@@ -6,6 +6,11 @@ turn instead; Escape stops the reply (an explicit cancel, seen by every
 terminal; the text so far stays, marked stopped); Ctrl+N starts a new
 session; Ctrl+P opens the command palette (new session, join, recent
 sessions, copy the id, simulate a disconnect, rename yourself).
+
+When an agent asks before it runs a tool, Ctrl+Y approves and Ctrl+T denies
+(any terminal may answer; the first answer in the log decides). A reply
+whose agent stopped responding (abandoned) or failed can be asked again
+with Ctrl+R: a new turn with the same text, marked as a retry.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from textual.widgets import Footer, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
 from durable_client import (
+    ApprovalState,
     Author,
     DurableError,
     Member,
@@ -37,6 +43,7 @@ from durable_client import (
     Session,
     SteerMode,
     Transcript,
+    Turn,
 )
 from durable_client.streams import DurableStream
 
@@ -157,6 +164,14 @@ class SessionCommands(Provider):
         yield ("Copy session id", app.action_copy_session_id, "to the clipboard")
         yield ("Simulate a disconnect", app.action_simulate_disconnect, "drop the connection")
         yield ("Rename yourself…", app.action_rename, "the name the others see")
+        # Offered only while they apply: a pending approval, a reply to ask again.
+        pending = app.pending_approval()
+        if pending is not None:
+            tool = pending.request.tool
+            yield ("Approve", app.action_approve, f"let the agent run {tool} (Ctrl+Y)")
+            yield ("Deny", app.action_deny, f"do not let the agent run {tool} (Ctrl+T)")
+        if app.retryable_turn() is not None:
+            yield ("Retry last reply", app.action_retry, "ask the same again, a new turn (Ctrl+R)")
 
     async def discover(self) -> Hits:
         for name, callback, help_text in self.commands():
@@ -180,6 +195,9 @@ class ChatApp(App[None]):
     """
     BINDINGS = [
         Binding("escape", "stop", "Stop reply", show=True),
+        Binding("ctrl+y", "approve", "Approve", show=True),
+        Binding("ctrl+t", "deny", "Deny", show=True),
+        Binding("ctrl+r", "retry", "Retry", show=True),
         Binding("ctrl+n", "new_session", "New session", show=True),
         Binding("ctrl+q", "quit", "Quit", show=True, priority=True),
     ]
@@ -361,6 +379,25 @@ class ChatApp(App[None]):
                 return turn.turn_id
         return None
 
+    def pending_approval(self) -> ApprovalState | None:
+        """The approval request the keys answer: the oldest one still pending."""
+        for turn in self.transcript.turns:
+            for approval in turn.pending_approvals:
+                return approval
+        return None
+
+    def retryable_turn(self) -> Turn | None:
+        """The last turn, if its reply was abandoned or failed and nothing runs now
+        (a reply that completed, or one you stopped, is not offered again)."""
+        turns = [t for t in self.transcript.turns if t.message is not None]
+        if not turns or any(t.open for t in self.transcript.turns):
+            return None
+        last = turns[-1]
+        retryable = (ReplyStatus.ABANDONED, ReplyStatus.ERROR)
+        if any(r.status in retryable for r in last.replies.values()):
+            return last
+        return None
+
     # ------------------------------------------------------------------ input and actions
 
     async def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -389,9 +426,43 @@ class ChatApp(App[None]):
             self.notify(f"not sent: {exc}", severity="error")
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # False hides the key from the footer: each is shown only while it can act.
         if action == "stop":
             return self.streaming_turn() is not None
+        if action in ("approve", "deny"):
+            return self.pending_approval() is not None
+        if action == "retry":
+            return self.retryable_turn() is not None
         return True
+
+    async def action_approve(self) -> None:
+        await self._decide(approved=True)
+
+    async def action_deny(self) -> None:
+        await self._decide(approved=False)
+
+    async def _decide(self, *, approved: bool) -> None:
+        pending = self.pending_approval()
+        if pending is None or self.session is None:
+            return
+        request = pending.request
+        try:
+            await self.session.approve(request.turn_id, request.request_id, approved=approved)
+        except DurableError as exc:
+            self.notify(f"not answered: {exc}", severity="error")
+
+    async def action_retry(self) -> None:
+        """Ask the last turn's question again: a new turn with the same text and
+        addressees, naming the turn it retries (``retry_of``)."""
+        turn = self.retryable_turn()
+        if turn is None or turn.message is None or self.session is None:
+            return
+        try:
+            await self.session.send_message(
+                turn.message.text, to=turn.message.to, retry_of=turn.turn_id
+            )
+        except DurableError as exc:
+            self.notify(f"not retried: {exc}", severity="error")
 
     async def action_stop(self) -> None:
         turn_id = self.streaming_turn()

@@ -13,6 +13,9 @@ from textual.widgets.markdown import MarkdownStream
 
 from durable_client import (
     AnyEvent,
+    Approval,
+    ApprovalRequest,
+    ApprovalStatus,
     Author,
     Cancel,
     CancelScope,
@@ -23,6 +26,7 @@ from durable_client import (
     ProgressStatus,
     Steer,
     TextDelta,
+    TurnAdopt,
     TurnEnd,
     TurnStart,
     UserMessage,
@@ -42,7 +46,10 @@ class UserBubble(Static):
 
     def __init__(self, message: UserMessage, who: str) -> None:
         text = Text()
-        text.append(f"{who}\n", style="bold")
+        text.append(who, style="bold")
+        if message.retry_of is not None:
+            text.append("  ↻ asks again (a retry of the reply above)", style="italic")
+        text.append("\n")
         text.append(message.text)
         super().__init__(text)
 
@@ -55,8 +62,111 @@ class Note(Static):
     """
 
 
+class ApprovalView(Static):
+    """An agent's request to run a tool, and how it was decided.
+
+    Pending, it says how to answer (any terminal may); the first answer in the
+    log decides (later ones are ignored, as in the SDK's fold); a request
+    still pending when its reply ends is void ("no longer needed").
+    """
+
+    DEFAULT_CSS = """
+    ApprovalView { margin: 0 0 1 0; padding: 0 1; border: round $warning; height: auto; }
+    ApprovalView.-approved { border: round $success; }
+    ApprovalView.-denied { border: round $error; }
+    ApprovalView.-expired { border: round $panel-lighten-2; color: $text-muted; }
+    """
+
+    #: How many arguments are shown, and how much of each value.
+    MAX_ARGUMENTS = 3
+    MAX_VALUE = 60
+
+    def __init__(self, request: ApprovalRequest, asker: str) -> None:
+        super().__init__()
+        self.request = request
+        self.asker = asker
+        self.status = ApprovalStatus.PENDING
+        #: Who decided, as this terminal names them ("you", "ada").
+        self.decided_by: str | None = None
+        self.note: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def on_mount(self) -> None:
+        self.border_title = "approval"
+        self._show()
+
+    def decide(self, decision: Approval, who: str) -> bool:
+        """Take ``decision`` (by ``who``) if the request is still pending; True if it decided."""
+        if self.status is not ApprovalStatus.PENDING:
+            return False
+        self.status = ApprovalStatus.APPROVED if decision.approved else ApprovalStatus.DENIED
+        self.decided_by = who
+        self.note = decision.note
+        self.add_class(f"-{self.status.value}")
+        self._show()
+        return True
+
+    def expire(self) -> None:
+        """The reply that asked ended first: nobody needs to answer any more."""
+        if self.status is ApprovalStatus.PENDING:
+            self.status = ApprovalStatus.EXPIRED
+            self.add_class("-expired")
+            self._show()
+
+    def approval_text(self) -> Text:
+        request = self.request
+        marks = {
+            ApprovalStatus.PENDING: ("? ", "bold yellow"),
+            ApprovalStatus.APPROVED: ("✓ ", "bold green"),
+            ApprovalStatus.DENIED: ("✗ ", "bold red"),
+            ApprovalStatus.EXPIRED: ("· ", "dim"),
+        }
+        mark, style = marks[self.status]
+        text = Text()
+        text.append(mark, style=style)
+        text.append(f"{self.asker} asks to run ", style="bold")
+        text.append(request.tool, style="bold reverse")
+        if request.description:
+            text.append(f"\n{request.description}")
+        arguments = request.arguments or {}
+        for key, value in list(arguments.items())[: self.MAX_ARGUMENTS]:
+            shown = value if isinstance(value, str) else repr(value)
+            shown = " ".join(shown.split())
+            if len(shown) > self.MAX_VALUE:
+                shown = shown[: self.MAX_VALUE - 1] + "…"
+            text.append(f"\n  {key}: ", style="dim")
+            text.append(shown)
+        if len(arguments) > self.MAX_ARGUMENTS:
+            text.append(f"\n  … {len(arguments) - self.MAX_ARGUMENTS} more", style="dim")
+        text.append("\n")
+        if self.status is ApprovalStatus.PENDING:
+            text.append("Ctrl+Y", style="bold")
+            text.append(" approve  ·  ")
+            text.append("Ctrl+T", style="bold")
+            text.append(" deny  ·  or Ctrl+P: Approve / Deny", style="")
+        elif self.status is ApprovalStatus.EXPIRED:
+            text.append("no longer needed: the reply ended before anyone answered", style="italic")
+        else:
+            verb = "approved" if self.status is ApprovalStatus.APPROVED else "denied"
+            text.append(f"{verb} by {self.decided_by}", style=style)
+            if self.note:
+                text.append(f": {self.note}")
+        return text
+
+    def _show(self) -> None:
+        self.update(self.approval_text())
+
+
 class ReplyView(Vertical):
-    """One agent's reply: a header with its status and the Markdown, streamed."""
+    """One agent's reply: a header with its status and the Markdown, streamed.
+
+    The Markdown comes in segments: an approval request closes the segment
+    being written, shows its block, and the text after it goes into a new
+    segment, so the block stands where the agent asked.
+    """
 
     DEFAULT_CSS = """
     ReplyView { height: auto; margin: 1 8 0 0; padding: 0 1; border-left: thick $accent; }
@@ -65,6 +175,8 @@ class ReplyView(Vertical):
     ReplyView.-stopped > .reply-header { color: $warning; }
     ReplyView.-error { border-left: thick $error; }
     ReplyView.-error > .reply-header { color: $error; }
+    ReplyView.-abandoned { border-left: dashed $warning; }
+    ReplyView.-abandoned > .reply-header { color: $warning; }
     ReplyView > Markdown { margin: 0; padding: 0; }
     """
 
@@ -73,57 +185,136 @@ class ReplyView(Vertical):
         self.author_name = name
         self.text = ""
         self.status = "streaming"
+        #: How many times a new owner took the reply over (a restarted agent host).
+        self.adoptions = 0
+        self.generation = 0
+        self.approvals: list[ApprovalView] = []
         self._header = Static(classes="reply-header")
-        self._markdown = Markdown()
-        self._stream: MarkdownStream | None = None
-        self._rendered = 0  # characters of self.text already in the Markdown widget
+        self._segments: list[_Segment] = [_Segment(Markdown())]
+        self._open_segment = True  # False after an approval block: the next text starts one
 
     def compose(self) -> ComposeResult:
         yield self._header
-        yield self._markdown
+        yield self._segments[0].markdown
 
     def on_mount(self) -> None:
         # A reply with no text (a sub-agent that only reports progress) takes no room.
-        self.display = bool(self.text)
+        self.display = bool(self.text) or bool(self.approvals)
         self._show_header()
 
+    @property
+    def done(self) -> bool:
+        return self.status != "streaming"
+
+    def header_text(self) -> str:
+        marks = {
+            "streaming": " …",
+            "complete": "",
+            "cancelled": " · stopped",
+            "error": " · error",
+            "abandoned": " · stopped responding",
+        }
+        header = f"{self.author_name}{marks.get(self.status, '')}"
+        if self.adoptions == 1:
+            header += " · resumed after a restart"
+        elif self.adoptions > 1:
+            header += f" · resumed after {self.adoptions} restarts"
+        return header
+
     def _show_header(self) -> None:
-        marks = {"streaming": " …", "complete": "", "cancelled": " · stopped", "error": " · error"}
-        self._header.update(f"{self.author_name}{marks.get(self.status, '')}")
+        self._header.update(self.header_text())
 
     async def append(self, text: str, *, live: bool) -> None:
         """Add text. Live text streams into the Markdown; history is rendered once at the end."""
         self.display = True
-        if live and self._stream is None:
-            await self.catch_up()  # what came as history, rendered before the stream starts
-            self._stream = Markdown.get_stream(self._markdown)
+        if not self._open_segment:
+            segment = _Segment(Markdown())
+            self._segments.append(segment)
+            self._open_segment = True
+            await self.mount(segment.markdown)
+        segment = self._segments[-1]
+        if live and segment.stream is None:
+            await segment.catch_up()  # what came as history, rendered before the stream starts
+            segment.stream = Markdown.get_stream(segment.markdown)
         self.text += text
-        if self._stream is not None:
-            await self._stream.write(text)
-            self._rendered = len(self.text)
+        segment.text += text
+        if segment.stream is not None:
+            await segment.stream.write(text)
+            segment.rendered = len(segment.text)
 
     async def catch_up(self) -> None:
         """Render text that arrived as history (one update, not one per token)."""
-        if self._rendered < len(self.text) and self._stream is None:
-            await self._markdown.update(self.text)
-            self._rendered = len(self.text)
+        for segment in self._segments:
+            await segment.catch_up()
 
-    async def finish(self, end: TurnEnd, *, live: bool) -> None:
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+    async def _close_segment(self, *, live: bool) -> None:
+        segment = self._segments[-1]
+        await segment.stop()
         if live:
-            await self.catch_up()
+            await segment.catch_up()
+
+    async def ask(self, approval: ApprovalView, *, live: bool) -> None:
+        """Show an approval request where the reply is now; its text continues below it."""
+        self.display = True
+        await self._close_segment(live=live)
+        self._open_segment = False
+        self.approvals.append(approval)
+        await self.mount(approval)
+
+    def adopt(self, generation: int) -> None:
+        """A new owner took the reply over (generation ``generation``) and continues it."""
+        if self.done or generation <= self.generation:
+            return
+        self.generation = generation
+        self.adoptions += 1
+        self._show_header()
+
+    async def finish(self, end: TurnEnd, *, live: bool, ended_by: str | None = None) -> None:
+        """The reply ended. ``ended_by``: who ended it, when not its own agent."""
+        if self.done:
+            return  # one end per reply; the fold ignores later ones too
+        await self._close_segment(live=live)
         self.status = end.reason.value
         if end.reason is not EndReason.COMPLETE:
             self.display = True  # a stopped or failed reply shows even with no text
+        for approval in self.approvals:
+            approval.expire()
         if end.reason is EndReason.CANCELLED:
             self.add_class("-stopped")
         elif end.reason is EndReason.ERROR:
             self.add_class("-error")
-            if end.error:
-                await self.mount(Note(Text(f"error: {end.error}", style="red")))
+            line = f"error: {end.error}" if end.error else "error"
+            if ended_by:
+                line += f" (ended by {ended_by})"
+            if end.error or ended_by:
+                await self.mount(Note(Text(line, style="red")))
+        elif end.reason is EndReason.ABANDONED:
+            self.add_class("-abandoned")
+            line = "⚠ " + (end.error or "the agent stopped responding")
+            if ended_by:
+                line += f"; ended by {ended_by}"
+            await self.mount(Note(Text(line, style="yellow"), classes="abandoned-note"))
         self._show_header()
+
+
+class _Segment:
+    """One stretch of a reply's Markdown, between approval blocks."""
+
+    def __init__(self, markdown: Markdown) -> None:
+        self.markdown = markdown
+        self.text = ""
+        self.rendered = 0  # characters of self.text already in the Markdown widget
+        self.stream: MarkdownStream | None = None
+
+    async def catch_up(self) -> None:
+        if self.rendered < len(self.text) and self.stream is None:
+            await self.markdown.update(self.text)
+            self.rendered = len(self.text)
+
+    async def stop(self) -> None:
+        if self.stream is not None:
+            await self.stream.stop()
+            self.stream = None
 
 
 class TurnView(Vertical):
@@ -138,6 +329,7 @@ class TurnView(Vertical):
         self.turn_id = turn_id
         self.replies: dict[str, ReplyView] = {}
         self.progress: dict[tuple[str, str], Note] = {}
+        self.approvals: dict[str, ApprovalView] = {}
 
     async def reply(self, author_id: str, name: str) -> ReplyView:
         view = self.replies.get(author_id)
@@ -149,11 +341,21 @@ class TurnView(Vertical):
 
 
 class ChatLog(VerticalScroll):
-    """The conversation, built from session events. Follows the tail unless scrolled up."""
+    """The conversation, built from session events. Follows the tail unless scrolled up.
+
+    Under :data:`NARROW` columns it gives the text the room the wide layout
+    spends on indenting who said what (``-narrow``).
+    """
 
     DEFAULT_CSS = """
     ChatLog { height: 1fr; padding: 0 1; }
+    ChatLog.-narrow { padding: 0; }
+    ChatLog.-narrow ReplyView { margin: 1 1 0 0; }
+    ChatLog.-narrow UserBubble { margin: 1 0 0 3; }
     """
+
+    #: A terminal narrower than this (in columns) gets the narrow layout.
+    NARROW = 80
 
     def __init__(self, me: Author) -> None:
         super().__init__(id="chat")
@@ -183,6 +385,11 @@ class ChatLog(VerticalScroll):
     def on_mount(self) -> None:
         self.anchor()
 
+    def on_resize(self) -> None:
+        # The terminal's width, not this widget's: the room this class frees must
+        # not flip it back, and a scroll bar must not make an 80-column chat narrow.
+        self.set_class(self.screen.size.width < self.NARROW, "-narrow")
+
     async def turn(self, turn_id: str) -> TurnView:
         view = self.turns.get(turn_id)
         if view is None:
@@ -196,17 +403,29 @@ class ChatLog(VerticalScroll):
         if isinstance(event, UserMessage):
             view = await self.turn(event.turn_id)
             await view.mount(UserBubble(event, self.who(event.author)), before=0)
+            if event.retry_of is not None:
+                await self._retried(event)
         elif isinstance(event, TurnStart):
             view = await self.turn(event.turn_id)
             await view.reply(event.author.id, event.author.name or event.author.id)
         elif isinstance(event, TextDelta):
             view = await self.turn(event.turn_id)
             reply = await view.reply(event.author.id, event.author.name or event.author.id)
-            await reply.append(event.text, live=live)
+            if not reply.done:
+                await reply.append(event.text, live=live)
         elif isinstance(event, TurnEnd):
+            await self._end(event, live=live)
+        elif isinstance(event, TurnAdopt):
             view = await self.turn(event.turn_id)
             reply = await view.reply(event.author.id, event.author.name or event.author.id)
-            await reply.finish(event, live=live)
+            reply.adopt(event.generation)
+        elif isinstance(event, ApprovalRequest):
+            await self._ask(event, live=live)
+        elif isinstance(event, Approval):
+            view = await self.turn(event.turn_id)
+            approval = view.approvals.get(event.request_id)
+            if approval is not None:
+                approval.decide(event, self.who(event.author))
         elif isinstance(event, Cancel):
             await self._cancel_note(event)
         elif isinstance(event, Steer):
@@ -214,6 +433,34 @@ class ChatLog(VerticalScroll):
             await view.mount(Note(f"↳ {self.who(event.author)} ({event.mode.value}): {event.text}"))
         elif isinstance(event, Progress):
             await self._progress(event)
+
+    async def _end(self, end: TurnEnd, *, live: bool) -> None:
+        """A reply ended: by its agent, or (abandoned) by whoever noticed it lapsed."""
+        view = await self.turn(end.turn_id)
+        owner = end.reply_author
+        reply = view.replies.get(owner)
+        if reply is None:
+            name = (end.author.name or owner) if owner == end.author.id else owner
+            reply = await view.reply(owner, name)
+        ended_by = None if end.author.id == owner else self.who(end.author)
+        await reply.finish(end, live=live, ended_by=ended_by)
+
+    async def _ask(self, request: ApprovalRequest, *, live: bool) -> None:
+        view = await self.turn(request.turn_id)
+        if request.request_id in view.approvals:
+            return
+        name = request.author.name or request.author.id
+        reply = await view.reply(request.author.id, name)
+        if reply.done:
+            return  # asked after its reply ended: void (the fold ignores it too)
+        approval = ApprovalView(request, name)
+        view.approvals[request.request_id] = approval
+        await reply.ask(approval, live=live)
+
+    async def _retried(self, message: UserMessage) -> None:
+        earlier = self.turns.get(message.retry_of or "")
+        if earlier is not None:
+            await earlier.mount(Note(f"↻ asked again below by {self.who(message.author)}"))
 
     async def _cancel_note(self, cancel: Cancel) -> None:
         who = self.who(cancel.author)

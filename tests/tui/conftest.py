@@ -11,7 +11,7 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from durable_client import Agent, Author, IncomingTurn, MemoryOffsetStore
+from durable_client import Agent, Author, IncomingTurn, MemoryOffsetStore, Unfinished
 from durable_client.streams import DurableStream
 from mock_server.testing import RunningServer, serve
 from tui_demo.agents import demo
@@ -49,20 +49,47 @@ class Chat:
             )
         )
 
-    def start_agent(self, token_rate: float | None = None) -> None:
+    def start_agent(
+        self,
+        token_rate: float | None = None,
+        *,
+        holder: str = "test-host",
+        lease_ttl: float = 10.0,
+        resume: bool = False,
+    ) -> None:
+        """The demo agent as an agent host runs it, in this process. ``resume``: it
+        continues the replies ``holder`` left unfinished (a restarted host)."""
         rate = token_rate if token_rate is not None else self.token_rate
 
         async def answer(agent: Agent, turn: IncomingTurn) -> None:
             await demo.answer(agent, turn, token_rate=rate)
 
+        async def continue_reply(agent: Agent, left: Unfinished) -> None:
+            await demo.resume(agent, left, token_rate=rate)
+
         self.agent_task = asyncio.create_task(
-            run_agent(self.server.url, self.session_id, ASSISTANT, answer, MemoryOffsetStore())
+            run_agent(
+                self.server.url,
+                self.session_id,
+                ASSISTANT,
+                answer,
+                MemoryOffsetStore(),
+                holder=holder,
+                lease_ttl=lease_ttl,
+                resume=continue_reply if resume else None,
+            )
         )
 
     async def events(self) -> list[dict[str, object]]:
         async with DurableStream(f"{self.server.url}/v1/stream/sessions/{self.session_id}") as s:
             batch = await s.read()
             return list(batch.messages)
+
+
+@pytest.fixture
+def update(request: pytest.FixtureRequest) -> bool:
+    """Whether snapshots are to be rewritten (``--snapshot-update``)."""
+    return bool(request.config.getoption("--snapshot-update"))
 
 
 @pytest.fixture

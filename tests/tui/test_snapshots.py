@@ -52,11 +52,6 @@ async def check(pilot: Pilot[None], name: str, update: bool) -> None:
     actual.unlink(missing_ok=True)
 
 
-@pytest.fixture
-def update(request: pytest.FixtureRequest) -> bool:
-    return bool(request.config.getoption("--snapshot-update"))
-
-
 async def test_snapshot_empty_session(chat: Chat, update: bool) -> None:
     app = chat.app("alice")
     async with app.run_test(size=SIZE) as pilot:
