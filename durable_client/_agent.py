@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -79,6 +80,8 @@ from ._subscription import StartPoint
 from ._transcript import Reply, Transcript
 
 __all__ = ["Agent", "AgentReply", "IncomingTurn", "Unfinished"]
+
+log = logging.getLogger("durable_client.agent")
 
 DEFAULT_ROLLUP_WINDOW = 0.04
 #: Seconds an agent's reply may go without a word before readers end it as abandoned.
@@ -472,6 +475,7 @@ class AgentReply:
             url=self._session.url,
             by=event,
         )
+        log.warning("%s (session %s)", self._fence, self._session.session_id)
         self._stopped.set()
         self._release()
         for waiter in self._approvals.values():

@@ -38,6 +38,9 @@ LeaseMode: TypeAlias = Literal["end", "watch", "off"]
 
 #: How long to wait before asking again when the server could not say its tail.
 RECHECK_AFTER_ERROR = 1.0
+#: The longest a tail check may take (and at least this long): the request can
+#: land on a pooled connection as dead as the live one it checks on.
+RECHECK_TIMEOUT = (1.0, 5.0)
 
 
 async def end_reply(
@@ -157,7 +160,20 @@ class LeaseWatch:
                 self._table.extend(lease, loop.time())
         if not lapsed:
             return
-        tail = await session._transport.tail()
+        low, high = RECHECK_TIMEOUT
+        try:
+            async with asyncio.timeout(min(high, max(low, min(le.ttl for le in lapsed)))):
+                tail = await session._transport.tail()
+        except TimeoutError:
+            # No answer in time: this reader's connections are as suspect as the
+            # silence. Cut them (the live read resumes on a new one) and ask again.
+            log.info("a leased reply went quiet and the tail check hung: reconnecting")
+            self.rechecks += 1
+            session.drop_connections()
+            now = loop.time()
+            for lease in lapsed:
+                lease.deadline = now + min(lease.ttl, RECHECK_AFTER_ERROR)
+            return
         now = loop.time()
         if self._behind(tail):
             # More in the log than this reader was handed. A full queue is a
