@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -137,6 +138,60 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="serve the reserved __ds subscription API: webhooks (outbound HTTP) and"
         " pull-wake; see docs/subscriptions.md",
     )
+    auth = parser.add_argument_group("access control (docs/security.md)")
+    auth.add_argument(
+        "--auth", action="store_true", help="require a bearer token (JWT) on every request"
+    )
+    auth.add_argument(
+        "--auth-secret-file",
+        type=Path,
+        metavar="FILE",
+        help="HS256 secret (>= 32 bytes); or set DURABLE_AUTH_SECRET",
+    )
+    auth.add_argument(
+        "--auth-public-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="PEM public key (RS256, ES256, EdDSA) tokens may be signed for; repeatable",
+    )
+    auth.add_argument(
+        "--auth-jwks", type=Path, metavar="FILE", help="JWKS file, read again when it changes"
+    )
+    auth.add_argument("--auth-issuer", metavar="ISS", help="require this iss claim")
+    auth.add_argument(
+        "--auth-audience",
+        default="durable-sessions",
+        metavar="AUD",
+        help="require this aud claim (default durable-sessions)",
+    )
+    auth.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="browser origin allowed with --auth (exact, e.g. https://chat.example); repeatable",
+    )
+    auth.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=256,
+        metavar="N",
+        help="open WebSockets and live reads per client address with --auth (default 256)",
+    )
+    auth.add_argument(
+        "--max-connections-per-subject",
+        type=int,
+        default=64,
+        metavar="N",
+        help="open WebSockets and live reads per token sub with --auth (default 64)",
+    )
+    auth.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without --auth (anyone who reaches it has every right)",
+    )
     parser.add_argument(
         "--log-level",
         default="info",
@@ -161,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     for option in ("ws_ping_interval", "ws_ping_timeout", "presence_grace"):
         if getattr(args, option) < 0:
             parser.error(f"--{option.replace('_', '-')} must not be negative")
+    _check_auth(parser, args)
     if args.data_dir is not None:
         problem = _data_dir_problem(args.data_dir)
         if problem is not None:
@@ -192,7 +248,59 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         chaos=args.chaos,
         fault_plan=args.fault_plan,
         subscriptions=args.subscriptions,
+        auth=args.auth,
+        auth_secret_file=args.auth_secret_file,
+        auth_public_key=list(args.auth_public_key),
+        auth_jwks=args.auth_jwks,
+        auth_issuer=args.auth_issuer,
+        auth_audience=args.auth_audience,
+        allow_origin=list(args.allow_origin),
+        max_connections_per_ip=args.max_connections_per_ip,
+        max_connections_per_subject=args.max_connections_per_subject,
+        insecure=args.insecure,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_auth(parser: _Parser, args: argparse.Namespace) -> None:
+    """The access-control switches make sense together, and a server reachable from
+    other machines is not started open by accident."""
+    if not args.auth and not args.insecure and not _is_loopback(args.host):
+        parser.error(
+            f"--host {args.host} is reachable from other machines: add --auth (docs/security.md),"
+            " or --insecure to serve it open"
+        )
+    key_options = (args.auth_secret_file, args.auth_public_key, args.auth_jwks, args.allow_origin)
+    if not args.auth:
+        if any(key_options) or args.auth_issuer is not None:
+            parser.error("the --auth-* and --allow-origin options need --auth")
+        return
+    for option in ("max_connections_per_ip", "max_connections_per_subject"):
+        if getattr(args, option) <= 0:
+            parser.error(f"--{option.replace('_', '-')} must be positive")
+    from ._server import Settings, authority_of
+
+    try:
+        authority_of(
+            Settings(
+                auth=True,
+                auth_secret_file=args.auth_secret_file,
+                auth_public_key=list(args.auth_public_key),
+                auth_jwks=args.auth_jwks,
+            )
+        )
+    except OSError as exc:
+        parser.error(f"--auth: {exc.filename}: {exc.strerror or exc}")
+    except ValueError as exc:
+        parser.error(f"--auth: {exc}")
 
 
 def _data_dir_problem(path: Path) -> str | None:
@@ -219,6 +327,12 @@ def _fail(message: str) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["token"]:
+        from ._token_cli import main as token
+
+        token(args[1:], prog=f"{PROG} token")
+        return
     settings = parse_args(argv)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -24,13 +24,14 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import parse_qs, quote, unquote_to_bytes, urlsplit
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, quote, unquote_to_bytes, urlencode, urlsplit
 
 from durable_client import wire as P
 from durable_client.wire import WS_PATH
 
 from ._asgi import App, Message, Receive, Scope, Send
+from ._auth import AuthError, bearer, event_items, forbidden, stream_name, unauthorized
 from ._model import Record, StreamState, parse_rfc3339
 from ._store import (
     AppendRequest,
@@ -43,7 +44,20 @@ from ._store import (
     check_not_reserved,
 )
 
+if TYPE_CHECKING:
+    from ._auth import Authority, Grant
+
 log = logging.getLogger("mock_server")
+
+ACCESS_TOKEN_PARAM = "access_token"
+_ACCESS_TOKEN_RE = re.compile(r"(^|&)access_token=[^&]*")
+# The __ds routes that take the subscription API's own bearer tokens, scoped to one
+# subscription and issued by this server (docs/subscriptions.md), not access tokens.
+_SUBSCRIPTION_TOKEN_ROUTE = re.compile(
+    "^"
+    + re.escape(P.STREAM_PATH_PREFIX + P.RESERVED_PREFIX)
+    + r"/subscriptions/[^/]+/(callback|ack|release)$"
+)
 
 _TTL_RE = re.compile(r"^(0|[1-9]\d{0,11})$")
 _INT_RE = re.compile(r"^(0|[1-9]\d{0,15})$")
@@ -170,7 +184,7 @@ def cursor_for(client_cursor: str | None) -> str:
 class Request:
     """The parts of an ASGI HTTP request this server reads."""
 
-    __slots__ = ("headers", "method", "path", "query", "receive", "scope")
+    __slots__ = ("grant", "headers", "method", "path", "query", "receive", "scope")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.scope = scope
@@ -183,6 +197,7 @@ class Request:
         self.query: dict[str, list[str]] = parse_qs(
             scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
         )
+        self.grant: Grant | None = None  # the verified token, with --auth
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -263,6 +278,26 @@ async def respond(
 async def _error(send: Send, error: ProtocolError) -> None:
     headers = [("Content-Type", "text/plain; charset=utf-8"), *error.headers.items()]
     await respond(send, error.status, headers, (error.message + "\n").encode())
+
+
+async def _auth_error(send: Send, error: AuthError) -> None:
+    """A 401/403/429 with ``--auth``: JSON ``{"error": {code, message}}``."""
+    headers = [("Content-Type", "application/json"), *error.headers()]
+    await respond(send, error.status, headers, error.body())
+
+
+def _with_cors_origin(message: Message, origin: bytes | None) -> Message:
+    """A response head with ``--auth``: CORS granted to ``origin`` only (the allowlist's)."""
+    headers = [(k, v) for k, v in message["headers"] if k != b"access-control-allow-origin"]
+    if origin is not None:
+        headers.append((b"access-control-allow-origin", origin))
+    headers.append((b"vary", b"Origin"))
+    return {**message, "headers": headers}
+
+
+def redact_query(query: str) -> str:
+    """``query`` for a log line: a token in ``access_token`` shown as ``***``."""
+    return _ACCESS_TOKEN_RE.sub(r"\1access_token=***", query)
 
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -378,6 +413,8 @@ class DurableStreamsApp:
         # The reserved {root}/__ds API (subscriptions, _subscriptions_http.py), when enabled.
         self.control_api: Callable[[Request, Send], Awaitable[None]] | None = None
         self.extra_routes = dict(extra_routes or {})
+        # With --auth: who may do what (mock_server/_auth.py); None serves everyone.
+        self.authority: Authority | None = None
 
     def begin_shutdown(self) -> None:
         """Ends live reads (long-poll, SSE) so the server can stop promptly."""
@@ -420,14 +457,25 @@ class DurableStreamsApp:
     async def _http(self, req: Request, send: Send) -> None:
         started = time.perf_counter()
         status_holder: list[int] = []
+        query_string: str = req.scope.get("query_string", b"").decode("latin-1")
+        grant_origin: bytes | None = None
+        if self.authority is not None:
+            allowed = self.authority.cors_origin(req.header("origin"))
+            grant_origin = allowed.encode("latin-1") if allowed is not None else None
 
         async def send_logged(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder.append(message["status"])
+                if self.authority is not None:
+                    message = _with_cors_origin(message, grant_origin)
             await send(message)
 
         try:
+            if self.authority is not None:
+                await self._authorize(self.authority, req)
             await self._route(req, send_logged)
+        except AuthError as exc:
+            await _auth_error(send_logged, exc)
         except ProtocolError as exc:
             await _error(send_logged, self._about_stream(req, exc))
         except _BodyTooLarge:
@@ -437,7 +485,7 @@ class DurableStreamsApp:
             pass
         finally:
             if log.isEnabledFor(logging.DEBUG):
-                query = req.scope.get("query_string", b"").decode("latin-1")
+                query = redact_query(query_string)
                 log.debug(
                     "%s %s%s -> %s (%.1f ms)",
                     req.method,
@@ -446,6 +494,69 @@ class DurableStreamsApp:
                     status_holder[0] if status_holder else "-",
                     (time.perf_counter() - started) * 1000,
                 )
+
+    async def _authorize(self, authority: Authority, req: Request) -> None:
+        """With ``--auth``: refuse (``AuthError``) what the request's token does not
+        allow, before any route runs. ``/health`` and CORS preflights stay open; the
+        body's events are checked once it is read (``_check_body``)."""
+        req.path = strict_path(req.scope)
+        if req.method == "OPTIONS" or req.path == "/health":
+            return
+        authority.check_origin(req.header("origin"))
+        if self.control_api is not None and _SUBSCRIPTION_TOKEN_ROUTE.match(req.path):
+            return  # the subscription API checks its own bearer token (callback or claim)
+        token = bearer(req.header("authorization"))
+        in_query = req.query.pop(ACCESS_TOKEN_PARAM, None)
+        if in_query is not None:
+            # Removed before routing, so no handler (or log line) ever sees it.
+            req.scope["query_string"] = urlencode(req.query, doseq=True).encode("latin-1")
+            if req.method != "GET" or req.query.get(P.LIVE_PARAM) != [P.LIVE_SSE]:
+                raise unauthorized(
+                    "access_token in the URL is accepted only for live=sse reads;"
+                    " send Authorization: Bearer"
+                )
+            if token is not None or len(in_query) > 1:
+                raise unauthorized("send one token, in the header or in access_token")
+            token = in_query[0]
+        grant = authority.verify(token)
+        req.grant = grant
+        name = stream_name(req.path)
+        if name is None or name.split("/", 1)[0] == P.RESERVED_PREFIX:
+            if not grant.server_admin:
+                raise forbidden("this route needs an admin token for every stream ('*')")
+            return
+        if req.method == "POST":
+            # A close needs 'delete'; an append with a body 'append' (checked once read).
+            close = P.header_true(req.header(P.STREAM_CLOSED))
+            grant.require("delete" if close else "append", req.path)
+            return
+        capability = {"PUT": "create", "GET": "read", "HEAD": "read", "DELETE": "delete"}
+        if req.method in capability:
+            grant.require(capability[req.method], req.path)
+        else:  # 405 follows, for a token that covers the stream
+            grant.require("read", req.path)
+
+    def _check_body(self, req: Request, body: bytes, content_type: str | None) -> None:
+        """With ``--auth``: 403 for appended events the token may not write (authors,
+        cancel, steer), before the store sees them."""
+        grant = req.grant
+        if grant is None or not body or self.authority is None:
+            return
+        if P.header_true(req.header(P.STREAM_CLOSED)):
+            grant.require("append", req.path)
+        hook = self.authority.authorize_cancel
+        if not P.is_json(content_type) or ("admin" in grant.can and hook is None):
+            return
+        items = event_items(body)
+        if items is not None:
+            grant.check_events(req.path, items, hook)
+
+    def _live(self, req: Request) -> contextlib.AbstractContextManager[None]:
+        """Count a live read against the connection caps (429 over one), with ``--auth``."""
+        if self.authority is None or req.grant is None:
+            return contextlib.nullcontext()
+        client = req.scope.get("client")
+        return self.authority.connection(str(client[0]) if client else "", req.grant)
 
     def _about_stream(self, req: Request, error: ProtocolError) -> ProtocolError:
         """``error``, saying which incarnation answered if it is about an existing stream."""
@@ -540,7 +651,10 @@ class DurableStreamsApp:
             raise ProtocolError(
                 400, f"Idempotency-Key must be 1 to {_MAX_IDEMPOTENCY_KEY} characters"
             )
+        if forked_from is not None and req.grant is not None:
+            req.grant.require("read", forked_from)
         body = await req.body(self.config.max_body_bytes)
+        self._check_body(req, body, content_type)
         state, created = self.store.create(
             req.path,
             CreateRequest(
@@ -589,6 +703,7 @@ class DurableStreamsApp:
     async def _append(self, req: Request, send: Send) -> None:
         producer = self._producer(req)
         body = await req.body(self.config.max_body_bytes)
+        self._check_body(req, body, req.header("content-type"))
         result: AppendResult = self.store.append(
             req.path,
             AppendRequest(
@@ -665,6 +780,13 @@ class DurableStreamsApp:
         return b"".join(r.data for r in result.records)
 
     async def _read(self, req: Request, send: Send) -> None:
+        if req.grant is not None and req.param(P.LIVE_PARAM) in (P.LIVE_LONG_POLL, P.LIVE_SSE):
+            with self._live(req):  # a live read holds a connection: counted for the caps
+                await self._read_stream(req, send)
+            return
+        await self._read_stream(req, send)
+
+    async def _read_stream(self, req: Request, send: Send) -> None:
         state = self.store.require(req.path)
         offset = req.param(P.OFFSET_PARAM)
         live = req.param(P.LIVE_PARAM)
@@ -781,10 +903,13 @@ class DurableStreamsApp:
         binary = not P.is_text_compatible(state.content_type)
         # Set when the client goes (or is aborted as a slow reader): the tail stops.
         disconnected = asyncio.Event()
+        duration = self.config.sse_max_duration
+        if req.grant is not None:  # ends when the token does; the reader comes back with a new one
+            duration = min(duration, max(1.0, req.grant.exp - time.time()))
         tail = self.store.tail(
             state,
             position,
-            until=time.monotonic() + self.config.sse_max_duration,
+            until=time.monotonic() + duration,
             idle=self.config.long_poll_timeout,  # an idle tail sends a control event as often
             stop=(self.shutting_down, disconnected),
         )

@@ -9,14 +9,18 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import uvicorn
 
+from ._auth import AUDIENCE, CancelHook
 from ._http import DurableStreamsApp, ServerConfig
 from ._storage import MemoryStorage, SqliteStorage, Storage
 from ._store import StreamStore
 from ._ws import WebSocketConfig, WebSocketEndpoint
+
+if TYPE_CHECKING:
+    from ._auth import Authority
 
 log = logging.getLogger("mock_server")
 
@@ -49,6 +53,20 @@ class Settings:
     chaos: bool = False  # fault middleware and its admin endpoint (/_chaos/...)
     fault_plan: Path | None = None  # a fault plan (.json/.yaml) applied from the start
     subscriptions: bool = False  # the reserved __ds subscription API (docs/subscriptions.md)
+    # Access control (docs/security.md). The key: a secret file, DURABLE_AUTH_SECRET, or
+    # for embedding ``auth_secret`` itself; and/or PEM public keys and a JWKS file.
+    auth: bool = False
+    auth_secret_file: Path | None = None
+    auth_secret: bytes | None = field(default=None, repr=False)
+    auth_public_key: list[Path] = field(default_factory=list)
+    auth_jwks: Path | None = None
+    auth_issuer: str | None = None
+    auth_audience: str = AUDIENCE
+    allow_origin: list[str] = field(default_factory=list)
+    max_connections_per_ip: int = 256
+    max_connections_per_subject: int = 64
+    insecure: bool = False  # allow a non-loopback host without --auth
+    authorize_cancel: CancelHook | None = None  # (claims, path, event) -> may it cancel?
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,6 +83,11 @@ def build_app(settings: Settings) -> DurableStreamsApp:
         sse_max_duration=settings.sse_max_duration,
     )
     app = DurableStreamsApp(StreamStore(storage), config)
+    try:
+        app.authority = authority_of(settings)
+    except BaseException:
+        storage.close()
+        raise
     if settings.websocket:
         app.websocket_handler = WebSocketEndpoint(
             app.store,
@@ -80,6 +103,7 @@ def build_app(settings: Settings) -> DurableStreamsApp:
             ),
             app.shutting_down,
         )
+        app.websocket_handler.authority = app.authority
     if settings.subscriptions:
         # Imported here: cryptography is loaded only by a server that signs webhooks.
         from ._subscriptions import SubscriptionManager
@@ -95,6 +119,28 @@ def build_app(settings: Settings) -> DurableStreamsApp:
         manager = SubscriptionManager(app.store, key, stopping=app.shutting_down, state_file=state)
         app.control_api = ControlApi(manager)
     return app
+
+
+def authority_of(settings: Settings) -> Authority | None:
+    """The access policy ``settings`` ask for (None without ``auth``); ``ValueError``
+    for a key that cannot be used."""
+    if not settings.auth:
+        return None
+    from ._auth import Authority, KeySet, read_secret
+
+    secret = settings.auth_secret
+    if secret is None:
+        secret = read_secret(settings.auth_secret_file)
+    keys = KeySet(secret=secret, public_keys=settings.auth_public_key, jwks=settings.auth_jwks)
+    return Authority(
+        keys,
+        audience=settings.auth_audience,
+        issuer=settings.auth_issuer,
+        origins=settings.allow_origin,
+        max_connections_per_ip=settings.max_connections_per_ip,
+        max_connections_per_subject=settings.max_connections_per_subject,
+        authorize_cancel=settings.authorize_cancel,
+    )
 
 
 def _start_subscriptions(app: DurableStreamsApp) -> None:
@@ -190,6 +236,7 @@ async def run(settings: Settings, *, wrap: Wrap | None = None) -> None:
     server = _Server(config, app)
     storage = f"sqlite at {settings.data_dir}" if settings.data_dir else "in memory"
     chaos = "; chaos admin at /_chaos/plan" if settings.chaos else ""
+    chaos += "; --auth: bearer tokens required" if settings.auth else ""
     print(
         f"durable session server on {url_of(sock)} (streams {storage}{chaos}; Ctrl-C stops)",
         flush=True,

@@ -29,7 +29,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import parse_qsl, urlencode
 
 from pydantic import ValidationError
 
@@ -38,10 +39,13 @@ from durable_client.wire import (
     CLIENT_FRAME,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_SLOW_CONSUMER,
+    CLOSE_TOKEN_EXPIRED,
     CLOSE_TOO_MANY_SUBSCRIPTIONS,
     ERROR_CODES,
     Ack,
     Append,
+    Auth,
+    AuthOk,
     Error,
     LeavePresence,
     Member,
@@ -55,6 +59,7 @@ from durable_client.wire import (
 )
 
 from ._asgi import Receive, Scope, Send
+from ._auth import AuthError, bearer, event_items, forbidden, unauthorized
 from ._json_depth import nesting_exceeds
 from ._model import StreamState
 from ._store import (
@@ -66,7 +71,13 @@ from ._store import (
     check_not_reserved,
 )
 
+if TYPE_CHECKING:
+    from ._auth import Authority, Grant
+
 log = logging.getLogger("mock_server.ws")
+
+ACCESS_TOKEN_PARAM = "access_token"
+
 
 MAX_BAD_FRAMES = 10
 MAX_ECHOED_REQ = 128  # a malformed frame's req id is echoed back up to this length (as Id)
@@ -376,9 +387,15 @@ class Connection:
         config: WebSocketConfig,
         send: Send,
         shutting_down: asyncio.Event,
+        *,
+        authority: Authority | None = None,
+        grant: Grant | None = None,
     ) -> None:
         self.store = store
         self.hub = hub
+        self.authority = authority
+        self.grant = grant  # the token in force, with --auth
+        self._expiry: asyncio.TimerHandle | None = None
         self.config = config
         self.outbox = Outbox(send, config)
         self.shutting_down = shutting_down
@@ -387,6 +404,47 @@ class Connection:
         self.closing = asyncio.Event()
         self.close_code = 1000
         self.close_reason = ""
+
+    def watch_expiry(self) -> None:
+        """Close with 4001 when the token in force expires (one timer, moved by a refresh)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self.grant is not None:
+            delay = max(0.0, self.grant.exp - time.time())
+            self._expiry = asyncio.get_running_loop().call_later(
+                delay, self.request_close, CLOSE_TOKEN_EXPIRED, "token expired"
+            )
+
+    def stop_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+
+    def _require(self, capability: str, path: str) -> None:
+        """403 (``AuthError``) unless the token in force allows ``capability`` on ``path``."""
+        if self.grant is not None:
+            self.grant.require(capability, path)
+
+    def _refresh(self, frame: Any) -> None:
+        """An ``auth`` frame: the new token replaces the one in force if it verifies and
+        speaks for the same sub and kind; otherwise the old one stays until it expires."""
+        req = frame.req
+        if self.authority is None or self.grant is None:
+            self.send_frame(
+                Error(status=400, code="bad_request", message="this server has no --auth", req=req)
+            )
+            return
+        try:
+            grant = self.authority.verify(frame.token)
+            if (grant.sub, grant.kind) != (self.grant.sub, self.grant.kind):
+                raise forbidden("a refreshed token must have the same sub and kind")
+        except AuthError as exc:
+            self.send_frame(auth_error_frame(exc, req=req))
+            return
+        self.grant = grant
+        self.watch_expiry()
+        self.send_frame(AuthOk(req=req, expires_at=int(grant.exp)))
 
     def request_close(self, code: int, reason: str) -> None:
         if not self.closing.is_set():
@@ -417,7 +475,7 @@ class Connection:
         try:
             # Strict: no bool or float where an int belongs (``seq: true``, ``epoch: 1.0``),
             # no 1 or "true" for a bool: a mistyped frame is an error, not a guess.
-            frame = CLIENT_FRAME.validate_json(text, strict=True)
+            frame: Any = CLIENT_FRAME.validate_json(text, strict=True)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "frame"
@@ -427,7 +485,9 @@ class Connection:
             req = _request_id(text) or _leading_ids(text)[0]  # the second for invalid JSON
             self.send_frame(Error(status=400, code="bad_frame", message=message, req=req))
             return False
-        if isinstance(frame, Subscribe):
+        if isinstance(frame, Auth):
+            self._refresh(frame)
+        elif isinstance(frame, Subscribe):
             self._subscribe(frame)
         elif isinstance(frame, Unsubscribe):
             self._unsubscribe(frame.sub)
@@ -437,9 +497,15 @@ class Connection:
             self._presence(frame)
         elif isinstance(frame, LeavePresence):
             try:
-                self.hub.leave(self, stream_path(frame.stream), frame.client_id)
+                path = stream_path(frame.stream)
+                if self.grant is not None:
+                    self.grant.require("presence", path)
+                    self.grant.check_member(frame.client_id, None)
+                self.hub.leave(self, path, frame.client_id)
             except ProtocolError as exc:
                 self.send_frame(error_frame(exc))
+            except AuthError as exc:
+                self.send_frame(auth_error_frame(exc))
         elif isinstance(frame, Ping):
             self.send_frame(Pong(req=frame.req))
         return True
@@ -464,9 +530,15 @@ class Connection:
     def _presence(self, frame: SetPresence) -> None:
         try:
             path = stream_path(frame.stream)
+            if self.grant is not None:
+                self.grant.require("presence", path)
+                self.grant.check_member(frame.client_id, frame.kind)
             self.store.require(path)
         except ProtocolError as exc:
             self.send_frame(error_frame(exc))
+            return
+        except AuthError as exc:
+            self.send_frame(auth_error_frame(exc))
             return
         member = Member(
             client_id=frame.client_id, kind=frame.kind, label=frame.label, status=frame.status
@@ -477,6 +549,8 @@ class Connection:
         path: str | None = None
         try:
             path = stream_path(frame.stream)
+            if self.grant is not None:
+                self._authorize_append(self.grant, path, frame)
             state = self.store.require(path)
             body = self._body(state, frame)
             if len(body) > self.config.max_body_bytes:
@@ -497,6 +571,9 @@ class Connection:
         except ProtocolError as exc:
             self.send_frame(error_frame(self._about_stream(path, exc), req=frame.req))
             return
+        except AuthError as exc:
+            self.send_frame(auth_error_frame(exc, req=frame.req))
+            return
         self.send_frame(
             Ack(
                 req=frame.req,
@@ -507,6 +584,26 @@ class Connection:
                 producer_seq=result.producer.seq if result.producer else None,
             )
         )
+
+    def _authorize_append(self, grant: Grant, path: str, frame: Append) -> None:
+        """403 for an append the token may not make: 'append' for data, 'delete' for a
+        close, and the events' authors, cancels and steers (``Grant.check_events``)."""
+        has_data = frame.data is not None or frame.data_base64 is not None
+        if has_data or not frame.close:
+            grant.require("append", path)
+        if frame.close:
+            grant.require("delete", path)
+        hook = self.authority.authorize_cancel if self.authority is not None else None
+        if "admin" in grant.can and hook is None:
+            return
+        items: list[Any] | None = None
+        if frame.data is not None:
+            items = frame.data if isinstance(frame.data, list) else [frame.data]
+        elif frame.data_base64 is not None:
+            with contextlib.suppress(ValueError):
+                items = event_items(base64.b64decode(frame.data_base64, validate=True))
+        if items:
+            grant.check_events(path, items, hook)
 
     @staticmethod
     def _body(state: StreamState, frame: Append) -> bytes:
@@ -548,10 +645,14 @@ class Connection:
         path: str | None = None
         try:
             path = stream_path(frame.stream)
+            self._require("read", path)
             state = self.store.require(path)
             position = self.store.parse_read_offset(state, frame.offset)
         except ProtocolError as exc:
             self.send_frame(error_frame(self._about_stream(path, exc), sub=frame.sub))
+            return
+        except AuthError as exc:
+            self.send_frame(auth_error_frame(exc, sub=frame.sub))
             return
         self.store.touch(state)
         self.send_frame(
@@ -618,6 +719,43 @@ class Connection:
         # Wait for them: a server whose loop closes next must not leave them pending.
         await asyncio.gather(*tasks, return_exceptions=True)
         self.hub.drop(self)
+
+
+def _redact_access_token(scope: Scope) -> str | None:
+    """Take ``access_token`` out of the handshake's query string, leaving
+    ``access_token=***`` (uvicorn logs the path and query of every handshake);
+    returns the token ("" if there was more than one: refused)."""
+    raw: bytes = scope.get("query_string", b"")
+    if b"access_token" not in raw:
+        return None
+    pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+    tokens = [value for name, value in pairs if name == ACCESS_TOKEN_PARAM]
+    if not tokens:
+        return None
+    kept = [(n, v if n != ACCESS_TOKEN_PARAM else "***") for n, v in pairs]
+    scope["query_string"] = urlencode(kept, safe="*").encode("latin-1")
+    if len(tokens) > 1:
+        return ""  # refused as malformed: one token, please
+    return tokens[0]
+
+
+async def _refuse_handshake(scope: Scope, send: Send, exc: AuthError) -> None:
+    """Refuse an upgrade with the HTTP status of ``exc`` (a plain 403 from servers
+    without the ASGI ``websocket.http.response`` extension)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": exc.code})
+        return
+    body = exc.body()
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers()]
+    headers.append((b"content-type", b"application/json"))
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "websocket.http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
+def auth_error_frame(exc: AuthError, *, req: str | None = None, sub: str | None = None) -> Error:
+    """A refused frame with ``--auth``: 401 ``unauthorized`` or 403 ``forbidden``."""
+    return Error(status=exc.status, code=exc.code, message=exc.message, req=req, sub=sub)
 
 
 def _request_id(text: str) -> str | None:
@@ -716,13 +854,54 @@ class WebSocketEndpoint:
         self.hub = PresenceHub(config.presence_grace)
         self.shutting_down = shutting_down
         self.connections: set[Connection] = set()
+        self.authority: Authority | None = None  # with --auth (mock_server/_auth.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
+        token_in_url = _redact_access_token(scope)
+        if self.authority is None:
+            await self._serve(scope, receive, send, None)
+            return
+        try:
+            grant = self._handshake(self.authority, scope, token_in_url)
+            client = scope.get("client")
+            lease = self.authority.connection(str(client[0]) if client else "", grant)
+            lease.__enter__()  # 429 over a cap, before the upgrade
+        except AuthError as exc:
+            await _refuse_handshake(scope, send, exc)
+            return
+        try:
+            await self._serve(scope, receive, send, grant)
+        finally:
+            lease.__exit__(None, None, None)
+
+    @staticmethod
+    def _handshake(authority: Authority, scope: Scope, token_in_url: str | None) -> Grant:
+        """The grant of a handshake's token (``Authorization`` or ``access_token``);
+        ``AuthError`` for a foreign Origin or a token that does not verify."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        authority.check_origin(headers.get("origin"))
+        token = bearer(headers.get("authorization"))
+        if token_in_url is not None:
+            if token is not None or not token_in_url:
+                raise unauthorized("send one token, in the header or in access_token")
+            token = token_in_url
+        return authority.verify(token)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, grant: Grant | None) -> None:
         await send({"type": "websocket.accept"})
-        conn = Connection(self.store, self.hub, self.config, send, self.shutting_down)
+        conn = Connection(
+            self.store,
+            self.hub,
+            self.config,
+            send,
+            self.shutting_down,
+            authority=self.authority,
+            grant=grant,
+        )
+        conn.watch_expiry()
         self.connections.add(conn)
         writer = asyncio.create_task(conn.outbox.run())
         reader = asyncio.create_task(self._read(conn, receive))
@@ -743,6 +922,7 @@ class WebSocketEndpoint:
             else:  # the writer ended: the socket is gone
                 code, reason = None, ""
         finally:
+            conn.stop_expiry()
             for task in tasks:
                 task.cancel()
             await conn.close_all()
