@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 import httpx
 
+from ._auth import TokenProvider
 from ._core.producer import ProducerStamp
 from ._core.wire import HandshakeRefused
 from ._http import HttpTransport
@@ -41,6 +42,9 @@ class AutoTransport:
         params: extra query parameters, likewise.
         retry: how single HTTP requests are retried (default: the session's).
         reconnect: how the socket is reopened for presence (default: the session's).
+        token: an access token (or a :data:`~durable_client.streams.TokenProvider`)
+            for every HTTP request, the WebSocket handshake and the socket's
+            in-band refreshes (default: the session's).
     """
 
     def __init__(
@@ -52,8 +56,10 @@ class AutoTransport:
         params: Mapping[str, DynamicValue] | None = None,
         retry: RetryPolicy | None = None,
         reconnect: RetryPolicy | None = None,
+        token: str | TokenProvider | None = None,
     ) -> None:
         self.options = options
+        self.token = token
         self.client = client
         self.headers = dict(headers or {})
         self.params = dict(params or {})

@@ -15,6 +15,7 @@ from typing import Literal
 import httpx
 
 from . import _protocol as P
+from ._auth import TokenProvider
 from ._core.producer import ProducerStamp
 from ._core.subscription import HttpReadState
 from ._errors import BadRequest, UnexpectedStatus, UsageError
@@ -56,6 +57,9 @@ class HttpTransport:
         params: extra query parameters on every request, likewise.
         retry: how single requests (create, tail) are retried (default: the
             session's policy).
+        token: an access token for ``Authorization: Bearer`` on every request,
+            or a :data:`~durable_client.streams.TokenProvider` (default: the
+            session's).
     """
 
     def __init__(
@@ -67,17 +71,19 @@ class HttpTransport:
         headers: Mapping[str, DynamicValue] | None = None,
         params: Mapping[str, DynamicValue] | None = None,
         retry: RetryPolicy | None = None,
+        token: str | TokenProvider | None = None,
     ) -> None:
         if live not in ("sse", "long-poll"):
             raise UsageError(f"live must be 'sse' or 'long-poll': {live!r}")
-        if stream is not None and (client, headers, params, retry) != (None, None, None, None):
-            raise UsageError("give the stream its client, headers and retry policy")
+        if stream is not None and (client, headers, params, retry, token) != (None,) * 5:
+            raise UsageError("give the stream its client, headers, retry policy and token")
         self._stream = stream
         self.live: HttpLiveMode = live
         self.client = client
         self.headers = dict(headers or {})
         self.params = dict(params or {})
         self.retry = retry
+        self.token = token
         self._cursor: str | None = None
         if stream is not None and stream.content_type is None:
             stream.content_type = P.JSON_CONTENT_TYPE

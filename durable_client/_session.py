@@ -52,6 +52,7 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 
+from ._auth import TokenProvider, TokenSource
 from ._auto import AutoTransport
 from ._core.producer import ProducerStamp
 from ._errors import ClientClosed, DurableError, UsageError
@@ -166,6 +167,11 @@ class Session:
         publish_linger: seconds a publish waits to share a request with others.
         max_in_flight: publish requests in flight at once.
         rng: random source for jitter (tests pass a seeded one).
+        token: an access token (a JWT) sent with every request and WebSocket
+            handshake, or a :data:`~durable_client.streams.TokenProvider`
+            called for a fresh one at 80% of each token's lifetime, after a 401
+            and when the server ends a socket whose token expired (4001). A
+            transport object may carry its own token instead (not both).
     """
 
     def __init__(
@@ -184,6 +190,7 @@ class Session:
         publish_linger: float = 0.0,
         max_in_flight: int = 5,
         rng: random.Random | None = None,
+        token: str | TokenProvider | None = None,
     ) -> None:
         if not session_id:
             raise UsageError("session_id must not be empty")
@@ -195,7 +202,9 @@ class Session:
         self.reconnect = reconnect
         self._rng = rng
         url = base_url.rstrip("/") + path_template.format(session_id=quote(session_id, safe=""))
-        self._transport = _bound(transport, url, retry=retry, reconnect=reconnect, rng=rng)
+        self._transport = _bound(
+            transport, url, retry=retry, reconnect=reconnect, rng=rng, token=token
+        )
         self.url = self._transport.url
         self._producer_id = producer_id or f"{author.id}-{new_id()[:12]}"
         self._producer_epoch = producer_epoch
@@ -656,6 +665,7 @@ def _bound(
     retry: RetryPolicy,
     reconnect: ReconnectPolicy,
     rng: random.Random | None,
+    token: str | TokenProvider | None = None,
 ) -> SessionTransport:
     """The session's transport for the stream at ``url``."""
     if transport is None:
@@ -668,8 +678,18 @@ def _bound(
                 f"{transport!r}"
             )
         transport = make()
+    elif token is not None and getattr(transport, "token", None) is not None:
+        raise UsageError("give the session a token or its transport one, not both")
     if isinstance(transport, UnboundTransport):
-        return transport.bind(url, SessionDefaults(retry, reconnect, rng))
+        # One source for every connection of the session: a token refreshed for
+        # an HTTP request is the one the socket sends next, and vice versa.
+        source = TokenSource.of(token)
+        bound = transport.bind(url, SessionDefaults(retry, reconnect, rng, source))
+        if source is not None and id(bound) == id(transport):  # it was made for a stream
+            raise UsageError("a transport made for a stream carries its own token", url=url)
+        return bound
     if isinstance(transport, SessionTransport):
+        if token is not None:
+            raise UsageError("a transport made for a stream carries its own token", url=url)
         return transport
     raise UsageError(f"not a transport: {transport!r}")

@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol, TypeAlias
 import httpx
 
 from . import _protocol as P
+from ._auth import TokenProvider, TokenSource, bearer
 from ._core.producer import ProducerStamp
 from ._core.subscription import HttpReadState
 from ._errors import (
@@ -193,6 +194,9 @@ class DurableStream:
         live_timeout: the read timeout of long-poll and SSE requests, in seconds;
             longer than the server's long-poll / keep-alive interval.
         rng: random source for jitter (tests pass a seeded one).
+        token: an access token sent as ``Authorization: Bearer`` on every
+            request, or a :data:`TokenProvider` (refreshed at 80% of each
+            token's lifetime; a 401 fetches a fresh one and retries once).
     """
 
     def __init__(
@@ -208,9 +212,13 @@ class DurableStream:
         timeout: httpx.Timeout | float | None = None,
         live_timeout: float = 90.0,
         rng: random.Random | None = None,
+        token: str | TokenProvider | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"stream URL must be http(s): {url!r}")
+        if token is not None and any(k.lower() == "authorization" for k in headers or {}):
+            raise UsageError("give a token or an Authorization header, not both", url=url)
+        self._token = TokenSource.of(token)
         self.url = url
         self.content_type = content_type
         self._headers: dict[str, DynamicValue] = dict(headers or {})
@@ -254,11 +262,25 @@ class DurableStream:
         if self._closed:
             raise ClientClosed("this DurableStream was closed", url=self.url)
 
-    async def _build_headers(self, extra: Mapping[str, str] | None) -> dict[str, str]:
+    async def _build_headers(
+        self, extra: Mapping[str, str] | None, token: str | None = None
+    ) -> dict[str, str]:
         headers = {name: await _resolve(value) for name, value in self._headers.items()}
         if extra:
             headers.update(extra)
+        if token is not None:
+            headers["authorization"] = bearer(token)
         return headers
+
+    def _retry_unauthorized(self, response: httpx.Response, token: str | None) -> bool:
+        """Whether a 401 to a request sent with ``token`` is worth one retry with a
+        fresh token (the token is then marked stale)."""
+        if response.status_code != 401 or token is None or self._token is None:
+            return False
+        if not self._token.refreshes:
+            return False
+        self._token.invalidate(token)
+        return True
 
     async def _build_params(self, extra: Mapping[str, str] | None) -> httpx.QueryParams:
         params = {name: await _resolve(value) for name, value in self._params.items()}
@@ -278,20 +300,27 @@ class DurableStream:
         timeout: httpx.Timeout | None = None,
         ok: Sequence[int] = (200, 201, 204),
     ) -> httpx.Response:
-        """One request, answered in full; non-``ok`` statuses raise from the tree."""
+        """One request, answered in full; non-``ok`` statuses raise from the tree.
+
+        With a token provider, a 401 is retried once with a fresh token."""
         self._check_open()
-        request = self._client.build_request(
-            method,
-            self.url,
-            params=await self._build_params(params),
-            headers=await self._build_headers(headers),
-            content=content,
-            timeout=timeout or self._timeout,
-        )
-        try:
-            response = await self._client.send(request)
-        except httpx.HTTPError as exc:
-            raise error_from_httpx(exc, url=self.url, operation=operation) from exc
+        for attempt in (1, 2):
+            token = await self._token.get() if self._token is not None else None
+            request = self._client.build_request(
+                method,
+                self.url,
+                params=await self._build_params(params),
+                headers=await self._build_headers(headers, token),
+                content=content,
+                timeout=timeout or self._timeout,
+            )
+            try:
+                response = await self._client.send(request)
+            except httpx.HTTPError as exc:
+                raise error_from_httpx(exc, url=self.url, operation=operation) from exc
+            if attempt == 1 and self._retry_unauthorized(response, token):
+                continue
+            break
         if response.status_code not in ok:
             raise error_from_response(
                 response, url=self.url, operation=operation, body=_safe_text(response)
@@ -631,17 +660,27 @@ class DurableStream:
         if cursor is not None:
             params[P.CURSOR_PARAM] = cursor
         timeout = self._live_timeout()
-        request = self._client.build_request(
-            "GET",
-            self.url,
-            params=await self._build_params(params),
-            headers=await self._build_headers({"accept": "text/event-stream", **(headers or {})}),
-            timeout=timeout,
-        )
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise error_from_httpx(exc, url=self.url, operation="read (sse)") from exc
+        for attempt in (1, 2):
+            # The token travels in the header: the access_token query parameter
+            # is only for browsers' EventSource, which cannot set one.
+            token = await self._token.get() if self._token is not None else None
+            request = self._client.build_request(
+                "GET",
+                self.url,
+                params=await self._build_params(params),
+                headers=await self._build_headers(
+                    {"accept": "text/event-stream", **(headers or {})}, token
+                ),
+                timeout=timeout,
+            )
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise error_from_httpx(exc, url=self.url, operation="read (sse)") from exc
+            if attempt == 1 and self._retry_unauthorized(response, token):
+                await response.aclose()
+                continue
+            break
         try:
             if response.status_code != 200:
                 try:
@@ -798,6 +837,7 @@ class StreamSettings(Protocol):
     headers: dict[str, DynamicValue]
     params: dict[str, DynamicValue]
     retry: RetryPolicy | None
+    token: str | TokenProvider | None
 
 
 class SessionPolicies(Protocol):
@@ -809,6 +849,8 @@ class SessionPolicies(Protocol):
     def reconnect(self) -> ReconnectPolicy: ...
     @property
     def rng(self) -> random.Random | None: ...
+    @property
+    def token(self) -> str | TokenProvider | None: ...
 
 
 def session_stream(settings: StreamSettings, url: str, session: SessionPolicies) -> DurableStream:
@@ -823,6 +865,7 @@ def session_stream(settings: StreamSettings, url: str, session: SessionPolicies)
         retry=settings.retry or session.retry,
         reconnect=session.reconnect,
         rng=session.rng,
+        token=settings.token if settings.token is not None else session.token,
     )
 
 

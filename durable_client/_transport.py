@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from ._auth import TokenProvider
 from ._errors import PresenceUnavailable
 from ._ws_frames import Member
 
@@ -107,12 +108,13 @@ class SessionTransport(Protocol):
 @dataclass(frozen=True, slots=True)
 class SessionDefaults:
     """What a session lends the transport it binds, for settings the transport
-    left unset: its retry policy (single requests), its reconnect policy and
-    its random source (jitter)."""
+    left unset: its retry policy (single requests), its reconnect policy, its
+    random source (jitter) and its access token (or token provider)."""
 
     retry: RetryPolicy
     reconnect: ReconnectPolicy
     rng: random.Random | None = None
+    token: str | TokenProvider | None = None
 
 
 @runtime_checkable

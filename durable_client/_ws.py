@@ -33,9 +33,17 @@ from urllib.parse import unquote, urlencode, urlsplit, urlunsplit
 import httpx
 
 from . import _protocol as P
+from ._auth import TokenProvider, TokenSource, bearer
 from ._core.producer import ProducerStamp
 from ._core.wire import SubscriptionFrames, error_of, presence_changes
-from ._errors import ClientClosed, DurableError, FatalError, ProtocolViolation, UsageError
+from ._errors import (
+    ClientClosed,
+    DurableError,
+    FatalError,
+    ProtocolViolation,
+    Unauthorized,
+    UsageError,
+)
 from ._http import HttpTransport
 from ._results import AppendResult
 from ._retry import ReconnectPolicy, RetryPolicy
@@ -123,6 +131,10 @@ class WebSocketTransport:
             (default: the session's).
         ws_url: the server's WebSocket URL (default: derived from the stream URL).
         rng: random source for jitter.
+        token: an access token (or a :data:`~durable_client.streams.TokenProvider`)
+            for the handshake and the HTTP requests (not with ``stream``: give
+            it the stream's); with a provider, the socket replaces its token
+            in-band ahead of expiry and reconnects with a fresh one on 4001.
     """
 
     def __init__(
@@ -137,8 +149,10 @@ class WebSocketTransport:
         reconnect: RetryPolicy | None = None,
         ws_url: str | None = None,
         rng: random.Random | None = None,
+        token: str | TokenProvider | None = None,
     ) -> None:
         self.options = options
+        self.token = token
         self.client = client
         self.headers = dict(headers or {})
         self.params = dict(params or {})
@@ -149,8 +163,8 @@ class WebSocketTransport:
         self.ws_url = ws_url or ""
         self.stream_name = ""
         if stream is not None:
-            if client is not None or retry is not None:
-                raise UsageError("give the stream its client and retry policy")
+            if client is not None or retry is not None or token is not None:
+                raise UsageError("give the stream its client, retry policy and token")
             name = stream_name_of(stream.url)
             if name is None:
                 raise UsageError(
@@ -162,6 +176,9 @@ class WebSocketTransport:
                 self.ws_url = websocket_url_of(stream.url[:index])
             self.stream_name = name
         self._http_transport = HttpTransport(stream) if stream is not None else None
+        # The stream's token source: the handshake, the in-band refreshes and
+        # the HTTP requests share one current token.
+        self._token: TokenSource | None = stream._token if stream is not None else None
         self._socket: Socket | None = None
         self._opening: asyncio.Future[Socket] | None = None
         self._presence: Member | None = None
@@ -246,14 +263,31 @@ class WebSocketTransport:
 
     async def _open(self) -> Socket:
         query = urlencode(sorted((await _resolved(self.params)).items()))
-        socket = await open_socket(
-            f"{self.ws_url}?{query}" if query else self.ws_url,
-            url=self.url,
-            headers=await _resolved(self.headers),
-            options=self.options,
-            on_presence=self._on_presence,
-            on_end=self._on_socket_end,
-        )
+        ws_url = f"{self.ws_url}?{query}" if query else self.ws_url
+        source = self._token
+        for attempt in (1, 2):
+            headers = await _resolved(self.headers)
+            token = await source.get() if source is not None else None
+            if token is not None:
+                headers["authorization"] = bearer(token)
+            try:
+                socket = await open_socket(
+                    ws_url,
+                    url=self.url,
+                    headers=headers,
+                    options=self.options,
+                    on_presence=self._on_presence,
+                    on_end=self._on_socket_end,
+                    token=source,
+                    token_in_force=token,
+                )
+            except Unauthorized:
+                # A token refused at the handshake: once more with a fresh one.
+                if attempt == 2 or source is None or not source.refreshes:
+                    raise
+                source.invalidate(token)
+                continue
+            break
         if self._closed:
             await socket.close()
             raise ClientClosed("the session was closed", url=self.url)

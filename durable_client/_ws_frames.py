@@ -17,6 +17,7 @@ WS_PATH: Final = "/v1/ws"
 CLOSE_SLOW_CONSUMER: Final = 4008  # outbound queue over its limit; resume from your offset
 CLOSE_PROTOCOL_ERROR: Final = 4002  # too many malformed frames in a row
 CLOSE_TOO_MANY_SUBSCRIPTIONS: Final = 4029
+CLOSE_TOKEN_EXPIRED: Final = 4001  # the token in force expired: reconnect with a fresh one
 
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 StreamName = Annotated[str, Field(min_length=1, max_length=1024)]
@@ -90,8 +91,18 @@ class Ping(_Frame):
     req: Id | None = None
 
 
+class Auth(_Frame):
+    """Replace the socket's token (same ``sub`` and ``kind``); answered by
+    ``AuthOk`` or ``Error`` with the same ``req``. The old token stays in
+    force until the new one is accepted."""
+
+    op: Literal["auth"] = "auth"
+    token: Annotated[str, Field(min_length=1, max_length=16384, repr=False)]
+    req: Id | None = None
+
+
 ClientFrame = Annotated[
-    Subscribe | Unsubscribe | Append | SetPresence | LeavePresence | Ping,
+    Subscribe | Unsubscribe | Append | SetPresence | LeavePresence | Ping | Auth,
     Field(discriminator="op"),
 ]
 CLIENT_FRAME: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
@@ -173,8 +184,16 @@ class Pong(_Frame):
     req: str | None = None
 
 
+class AuthOk(_Frame):
+    """The token of an ``Auth`` frame is in force now, until ``expires_at`` (unix seconds)."""
+
+    type: Literal["auth_ok"] = "auth_ok"
+    req: str | None = None
+    expires_at: float | None = None
+
+
 ServerFrame = Annotated[
-    Subscribed | Data | Ack | Error | Presence | Pong,
+    Subscribed | Data | Ack | Error | Presence | Pong | AuthOk,
     Field(discriminator="type"),
 ]
 SERVER_FRAME: TypeAdapter[ServerFrame] = TypeAdapter(ServerFrame)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from ._auth import TokenSource, due_time, read_claims, retry_delay
 from ._core.wire import (
     Answer,
     ClientWire,
@@ -34,9 +37,41 @@ from ._core.wire import (
     pending_request_error,
 )
 from ._errors import ClientClosed, ConnectionLost, DurableError, UsageError
-from ._ws_frames import Error, Member, Ping, Presence, ServerFrame, Unsubscribe
+from ._ws_frames import (
+    CLOSE_TOKEN_EXPIRED,
+    Auth,
+    AuthOk,
+    Error,
+    Member,
+    Ping,
+    Presence,
+    ServerFrame,
+    Unsubscribe,
+)
 
 __all__ = ["Inbox", "Socket", "WebSocketOptions", "open_socket", "retrieve"]
+
+log = logging.getLogger("durable_client.websocket")
+
+_SECRETS = re.compile(r'(?i)(authorization: )\S+(?: \S+)?|("token"\s*:\s*")[^"]*')
+
+
+class _RedactTokens(logging.Filter):
+    """websockets logs every handshake header and the start of every frame at
+    DEBUG: the ``Authorization`` header and an ``auth`` frame's token are
+    masked before any handler sees them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "uthorization" in text or '"token"' in text:
+            record.msg = _SECRETS.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
+            record.args = ()
+        return True
+
+
+#: The logger websockets writes the connection's protocol events to.
+_protocol_log = logging.getLogger("durable_client.websocket.protocol")
+_protocol_log.addFilter(_RedactTokens())
 
 
 @dataclass(frozen=True)
@@ -124,6 +159,8 @@ class Socket:
         options: WebSocketOptions,
         on_presence: Callable[[Presence], None],
         on_end: Callable[[Socket], None],
+        token: TokenSource | None = None,
+        token_in_force: str | None = None,
     ) -> None:
         self.ws = ws
         self.url = url
@@ -141,9 +178,20 @@ class Socket:
         self._closing = False
         self._ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
-        self.reader = asyncio.get_running_loop().create_task(
-            self._read(), name=f"durable-ws-reader:{url}"
-        )
+        self._answer_timeout = options.open_timeout
+        #: The token the server holds for this socket, and when it was fetched.
+        self._token = token
+        self._in_force = token_in_force
+        self._in_force_at = token.fetched_at if token is not None else 0.0
+        #: How many in-band refreshes the server accepted (tests and logs).
+        self.token_refreshes = 0
+        loop = asyncio.get_running_loop()
+        self.reader = loop.create_task(self._read(), name=f"durable-ws-reader:{url}")
+        self._refresher: asyncio.Task[None] | None = None
+        if token is not None and token.refreshes and token_in_force is not None:
+            self._refresher = loop.create_task(
+                self._keep_token(token), name=f"durable-ws-token:{url}"
+            )
 
     @property
     def alive(self) -> bool:
@@ -168,9 +216,13 @@ class Socket:
             # A clean close (1000/1001): only the close frame says why.
             protocol = self.ws.protocol
             error = close_error(protocol.close_rcvd, protocol.close_sent, url=self.url)
+            if protocol.close_rcvd is not None and protocol.close_rcvd.code == CLOSE_TOKEN_EXPIRED:
+                self._token_lapsed()
         except ConnectionClosed as exc:
             error = close_error(exc.rcvd, exc.sent, url=self.url)
             error.__cause__ = exc  # raised later, from every iterator and append pending
+            if exc.rcvd is not None and exc.rcvd.code == CLOSE_TOKEN_EXPIRED:
+                self._token_lapsed()
         except DurableError as exc:
             error = exc
             self.ws.transport.abort()
@@ -209,6 +261,8 @@ class Socket:
         if self.error is not None:
             return
         self.error = error
+        if self._refresher is not None:
+            self._refresher.cancel()
         for inbox in self.inboxes.values():
             inbox.end(error)
         self.inboxes.clear()
@@ -218,6 +272,63 @@ class Socket:
                 future.set_exception(error)
         self.requests.clear()
         self._on_end(self)
+
+    # --- the token ----------------------------------------------------------------
+
+    def _token_lapsed(self) -> None:
+        """The server ended the socket because its token expired: the next
+        socket must not be opened with it."""
+        if self._token is not None:
+            self._token.invalidate(self._in_force)
+
+    async def _keep_token(self, source: TokenSource) -> None:
+        """Replace the socket's token in-band (an ``auth`` frame) at 80% of its
+        lifetime, so the server never has to end the socket: subscriptions stay
+        as they are. A refused or failed refresh is tried again shortly; the old
+        token holds until it expires (then the server closes with 4001 and the
+        session reconnects with a fresh one)."""
+        while self.error is None and self._in_force is not None:
+            claims = read_claims(self._in_force)
+            due = due_time(claims, self._in_force_at)
+            if due is None:
+                return  # an expiry we cannot read: refreshed only by a reconnect
+            delay = due - source.clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                token = await source.get()
+            except DurableError as exc:
+                log.warning("cannot refresh the access token: %s", exc)
+                await asyncio.sleep(retry_delay(claims.exp, source.clock()))
+                continue
+            if token == self._in_force:
+                # Nothing newer yet (the provider failed, or has no new token):
+                # again a little later.
+                await asyncio.sleep(retry_delay(claims.exp, source.clock()))
+                continue
+            if await self._send_token(token):
+                self._in_force = token
+                self._in_force_at = source.fetched_at
+                self.token_refreshes += 1
+            else:
+                source.invalidate(token)
+                await asyncio.sleep(retry_delay(claims.exp, source.clock()))
+
+    async def _send_token(self, token: str) -> bool:
+        """Offer ``token`` to the server; whether it took it."""
+        req = self.next_id("t")
+        try:
+            async with asyncio.timeout(self._answer_timeout):
+                answer = await self.request(req, Auth(token=token, req=req).model_dump_json())
+        except (DurableError, TimeoutError):
+            return False
+        if isinstance(answer, AuthOk):
+            log.debug("the server took the refreshed access token")
+            return True
+        if isinstance(answer, Error):
+            # The message is the server's (it never quotes the token).
+            log.warning("the server refused the refreshed access token: %s", answer.message)
+        return False
 
     # --- subscriptions ------------------------------------------------------------
 
@@ -286,6 +397,8 @@ class Socket:
 
     async def close(self) -> None:
         self._closing = True
+        if self._refresher is not None:
+            self._refresher.cancel()
         with contextlib.suppress(Exception):
             await self.ws.close()
         with contextlib.suppress(asyncio.CancelledError):
@@ -306,8 +419,11 @@ async def open_socket(
     options: WebSocketOptions,
     on_presence: Callable[[Presence], None],
     on_end: Callable[[Socket], None],
+    token: TokenSource | None = None,
+    token_in_force: str | None = None,
 ) -> Socket:
-    """Make the opening handshake at ``ws_url`` for the stream at ``url``.
+    """Make the opening handshake at ``ws_url`` for the stream at ``url``
+    (``headers`` carry ``token_in_force``, which ``token`` refreshes in-band).
 
     Raises from the error tree: ``HandshakeRefused`` when the server does not
     offer WebSocket, a retryable error when the connection could not be made.
@@ -322,10 +438,19 @@ async def open_socket(
             ping_timeout=options.ping_timeout,
             close_timeout=options.close_timeout,
             max_size=options.max_message_size,
+            logger=_protocol_log,
         )
     except (InvalidHandshake, InvalidURI, OSError) as exc:  # TimeoutError is an OSError
         raise connect_error(exc, url=url, ws_url=ws_url.split("?", 1)[0]) from exc
-    return Socket(ws, url=url, options=options, on_presence=on_presence, on_end=on_end)
+    return Socket(
+        ws,
+        url=url,
+        options=options,
+        on_presence=on_presence,
+        on_end=on_end,
+        token=token,
+        token_in_force=token_in_force,
+    )
 
 
 def retrieve(future: asyncio.Future[Any]) -> None:

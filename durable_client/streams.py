@@ -10,13 +10,15 @@ log), or to speak the protocol directly:
   seq), batched and pipelined, into any :class:`BatchSink`;
 - the answers (:class:`ReadBatch`, :class:`AppendResult`, ...) and the types
   their signatures use (:data:`DynamicValue`, :data:`LiveMode`,
-  :data:`OnRetry`).
+  :data:`OnRetry`, :data:`TokenProvider`: the async function that
+  ``token=`` takes on sessions, streams and transports).
 
 Retry policies and the error tree are at the package root.
 """
 
 from __future__ import annotations
 
+from ._auth import TokenProvider
 from ._core.producer import ProducerStamp
 from ._producer import BatchSink, IdempotentProducer
 from ._results import AppendResult
@@ -44,4 +46,5 @@ __all__ = [
     "OnRetry",
     "ProducerStamp",
     "ReadBatch",
+    "TokenProvider",
 ]

@@ -53,9 +53,11 @@ from .._transport import PresenceChange, TransportBatch
 from .._ws_frames import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_SLOW_CONSUMER,
+    CLOSE_TOKEN_EXPIRED,
     CLOSE_TOO_MANY_SUBSCRIPTIONS,
     SERVER_FRAME,
     Ack,
+    AuthOk,
     Data,
     Error,
     Member,
@@ -98,6 +100,7 @@ CLOSE_ERRORS: Final[Mapping[int, type[DurableError]]] = {
     1013: ConnectionLost,  # try again later
     1014: ConnectionLost,  # bad gateway
     CLOSE_SLOW_CONSUMER: ConnectionLost,  # we read too slowly: resume from our offsets
+    CLOSE_TOKEN_EXPIRED: ConnectionLost,  # the token lapsed: reconnect with a fresh one, resume
     1009: ConnectionLost,  # a frame too big: the subscriptions resume, the appends fail
     1008: Forbidden,  # policy violation (auth, origin)
     1002: ProtocolViolation,
@@ -127,6 +130,8 @@ def close_error(received: Close | None, sent: Close | None, *, url: str) -> Dura
         return ConnectionLost(text, url=url)
     code, reason = received.code, received.reason
     text = f"the server closed the WebSocket ({code}{': ' + reason if reason else ''})"
+    if code == CLOSE_TOKEN_EXPIRED:
+        text += ": the access token expired; reconnecting with a fresh one"
     return CLOSE_ERRORS.get(code, ConnectionLost)(text, url=url)
 
 
@@ -142,15 +147,18 @@ class HandshakeRefused(UnexpectedStatus):
 
 
 def handshake_error(
-    status: int, headers: Mapping[str, str], *, url: str, ws_url: str
+    status: int, headers: Mapping[str, str], *, url: str, ws_url: str, detail: str = ""
 ) -> DurableError:
     """What an HTTP answer to the opening handshake means.
 
-    401, 429 and 5xx say the same as over HTTP (authenticate, wait, retry);
-    any other status says the server does not offer WebSocket here.
+    401, 429 and 5xx say the same as over HTTP (authenticate, wait, retry),
+    and so does a 403 with ``WWW-Authenticate`` (an access control refusal:
+    the token does not allow it, or the Origin is not allowed); any other
+    status says the server does not offer WebSocket here.
     """
-    if status == 401 or status == 429 or status >= 500:
-        return error_from_status(status, headers, "", url=url, operation="WebSocket handshake")
+    challenged = any(k.lower() == "www-authenticate" for k in headers)
+    if status == 401 or status == 429 or status >= 500 or (status == 403 and challenged):
+        return error_from_status(status, headers, detail, url=url, operation="WebSocket handshake")
     return HandshakeRefused(
         f"the server refused the WebSocket handshake at {ws_url}", url=url, status=status
     )
@@ -163,7 +171,8 @@ def connect_error(
     if isinstance(exc, InvalidStatus):
         response = exc.response
         status, headers = response.status_code, dict(response.headers.raw_items())
-        return handshake_error(status, headers, url=url, ws_url=ws_url)
+        detail = response.body.decode("utf-8", "replace") if response.body else ""
+        return handshake_error(status, headers, url=url, ws_url=ws_url, detail=detail)
     if isinstance(exc, InvalidURI):
         return UsageError(f"invalid WebSocket URL {ws_url}: {exc}", url=url)
     if isinstance(exc, InvalidMessage):
@@ -213,7 +222,7 @@ class Answer:
     """The frame that answers request ``req``."""
 
     req: str
-    frame: Ack | Error | Pong
+    frame: Ack | Error | Pong | AuthOk
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +302,7 @@ class ClientWire:
             unread[0] += 1
             unread[1] += size
             return ForSubscription(frame.sub, frame, size)
-        if isinstance(frame, Ack | Pong):
+        if isinstance(frame, Ack | Pong | AuthOk):
             return Answer(frame.req, frame) if frame.req is not None else None
         if isinstance(frame, Error):
             if frame.req is not None:

@@ -243,7 +243,7 @@ def test_close_codes_are_retryable_or_fatal(code: int, expected: type[Exception]
     assert "keepalive" in str(lost)
 
 
-RETRYABLE = {1000, 1001, 1006, 1009, 1011, 1012, 1013, 1014, 4008}
+RETRYABLE = {1000, 1001, 1006, 1009, 1011, 1012, 1013, 1014, 4008, 4001}
 FATAL = {1002: ProtocolViolation, 1003: ProtocolViolation, 1007: ProtocolViolation}
 FATAL |= {4002: ProtocolViolation, 1008: Forbidden, 4029: UsageError}
 
