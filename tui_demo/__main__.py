@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from durable_client import Author
+from durable_client import Author, DurableError
 
 from ._launch import (
     DEFAULT_SERVER,
@@ -20,6 +20,7 @@ from ._launch import (
     still_running_note,
     stop,
 )
+from ._token import add_token_arguments, first_token, identity_of, refusal, token_from
 from .app import ChatApp, ChatConfig, default_launcher, new_session_id
 
 
@@ -70,12 +71,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="stop the background server and agent host the chat started, and exit",
     )
+    add_token_arguments(parser)
     args = parser.parse_args(argv)
     if args.name is None:
         args.name = default_name()
     elif not args.name.strip():
         parser.error("--name must not be empty")
     return args
+
+
+def user_of(name: str, token: str | None) -> Author:
+    """This terminal's author: the token's ``sub`` when there is a token (the server
+    refuses events whose author is not the token's subject), else the name plus
+    this process id."""
+    sub = identity_of(token).sub
+    return Author.user(sub or f"{name}-{os.getpid()}", name)
 
 
 def terminal_label(name: str) -> str:
@@ -114,21 +124,31 @@ def main(argv: list[str] | None = None) -> None:
     except LaunchError as exc:
         print(f"durable chat: {exc}", file=sys.stderr)
         sys.exit(2)
+    token = token_from(args)
     if args.list:
         import asyncio
 
         from ._index import recent
 
-        for entry in asyncio.run(recent(args.server)):
+        try:
+            entries = asyncio.run(recent(args.server, token=token))
+        except DurableError as exc:
+            print(
+                f"durable chat: {refusal(exc, have_token=token is not None) or exc}",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        for entry in entries:
             print(f"{entry.session_id}\t{entry.title}")
         return
     config = ChatConfig(
         server=args.server,
         session_id=args.session or new_session_id(),
-        user=Author.user(f"{args.name}-{os.getpid()}", args.name),
+        user=user_of(args.name, first_token(args)),
         new=args.session is None,
         launcher=launcher,
         label=terminal_label(args.name),
+        token=token,
     )
     try:
         ChatApp(config).run()

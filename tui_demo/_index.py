@@ -3,6 +3,8 @@
 Each entry is ``{"session_id", "title", "created_by", "ts"}``. The chat app
 appends one when it starts a session; the agent host follows the index to
 know which sessions to serve, and the app's "recent sessions" list reads it.
+Against a server run with ``--auth`` each function takes the access token
+(``token=``: a string or a provider) its caller was given.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, cast
 from pydantic import BaseModel
 
 from durable_client import StreamNotFound
-from durable_client.streams import DurableStream, ReadBatch
+from durable_client.streams import DurableStream, ReadBatch, TokenProvider
 
 INDEX_PATH = "/v1/stream/chat-index"
 
@@ -27,22 +29,33 @@ class IndexEntry(BaseModel):
     ts: float = 0.0
 
 
-def index_stream(server: str) -> DurableStream:
-    return DurableStream(server.rstrip("/") + INDEX_PATH, content_type="application/json")
+def index_stream(server: str, token: str | TokenProvider | None = None) -> DurableStream:
+    return DurableStream(
+        server.rstrip("/") + INDEX_PATH, content_type="application/json", token=token
+    )
 
 
-async def announce(server: str, session_id: str, *, title: str, created_by: str) -> None:
+async def announce(
+    server: str,
+    session_id: str,
+    *,
+    title: str,
+    created_by: str,
+    token: str | TokenProvider | None = None,
+) -> None:
     """Add a session to the index (creating the index if needed)."""
     entry = IndexEntry(session_id=session_id, title=title, created_by=created_by, ts=time.time())
-    async with index_stream(server) as stream:
+    async with index_stream(server, token) as stream:
         await stream.create()
         await stream.append_json(entry.model_dump())
 
 
-async def recent(server: str, limit: int = 20) -> list[IndexEntry]:
+async def recent(
+    server: str, limit: int = 20, *, token: str | TokenProvider | None = None
+) -> list[IndexEntry]:
     """The newest sessions first (at most ``limit``, one entry per session)."""
     entries: dict[str, IndexEntry] = {}
-    async with index_stream(server) as stream:
+    async with index_stream(server, token) as stream:
         try:
             batches = cast(AsyncGenerator[ReadBatch, None], stream.follow(live=False))
             async with contextlib.aclosing(batches):
@@ -56,9 +69,11 @@ async def recent(server: str, limit: int = 20) -> list[IndexEntry]:
     return sorted(entries.values(), key=lambda e: e.ts, reverse=True)[:limit]
 
 
-async def follow(server: str) -> AsyncIterator[IndexEntry]:
+async def follow(
+    server: str, *, token: str | TokenProvider | None = None
+) -> AsyncIterator[IndexEntry]:
     """Every entry of the index, then new ones as they are announced."""
-    async with index_stream(server) as stream:
+    async with index_stream(server, token) as stream:
         await stream.create()
         batches = cast(AsyncGenerator[ReadBatch, None], stream.follow(live="auto"))
         async with contextlib.aclosing(batches):

@@ -45,9 +45,10 @@ from durable_client import (
     Transcript,
     Turn,
 )
-from durable_client.streams import DurableStream
+from durable_client.streams import DurableStream, TokenProvider
 
 from ._index import IndexEntry, announce, recent
+from ._token import refusal
 from .widgets import ChatLog, Note, StatusBar, position_label
 
 _ADJECTIVES = (
@@ -92,6 +93,8 @@ class ChatConfig:
     #: How the join hint tells others to start the app (default: how this one was started).
     launcher: str = field(default_factory=default_launcher)
     label: str = ""  # how this terminal appears in presence (default: the user's name)
+    #: The access token for a server run with --auth (a string or a provider), if any.
+    token: str | TokenProvider | None = None
 
 
 #: The longest display name a rename accepts.
@@ -265,7 +268,7 @@ class ChatApp(App[None]):
         """Subscribe to the session from its beginning and show every event, live."""
         config = self.config
         chat = self.chat
-        session = Session(config.server, session_id, author=self.user)
+        session = Session(config.server, session_id, author=self.user, token=config.token)
         self.session = session
         self.unavailable = None
         watcher = asyncio.create_task(self._watch_status(session))
@@ -278,6 +281,7 @@ class ChatApp(App[None]):
                     session_id,
                     title=f"started by {config.user.name}",
                     created_by=config.user.id,
+                    token=config.token,
                 )
             elif not await self._exists(session.url):
                 self._lose(session)
@@ -311,8 +315,13 @@ class ChatApp(App[None]):
                         await chat.history_loaded()
         except DurableError as exc:
             self._lose(session)
-            self.unavailable = f"the session stopped: {exc}"
-            await chat.mount(Note(f"✖ {exc}"))
+            refused = self.refusal(exc)
+            if refused is not None:
+                self.unavailable = refused
+                await chat.mount(Note(f"✖ {refused}"))
+            else:
+                self.unavailable = f"the session stopped: {exc}"
+                await chat.mount(Note(f"✖ {exc}"))
         finally:
             watcher.cancel()
             if presence is not None:
@@ -336,6 +345,10 @@ class ChatApp(App[None]):
                 self._show_members(change.members)
         except PresenceUnavailable:
             self.status_bar.people = "(presence needs WebSocket)"
+        except DurableError as exc:
+            if self.refusal(exc) is None:
+                raise
+            self.status_bar.people = "(presence not allowed by the token)"
 
     def _show_members(self, members: tuple[Member, ...]) -> None:
         self.members = members
@@ -345,8 +358,16 @@ class ChatApp(App[None]):
         self._update_agent_status()
 
     async def _exists(self, url: str) -> bool:
-        async with DurableStream(url) as stream:
+        async with DurableStream(url, token=self.config.token) as stream:
             return await stream.exists()
+
+    def refusal(self, exc: BaseException) -> str | None:
+        """One line for an access refusal (401/403) of the server, else ``None``."""
+        return refusal(exc, have_token=self.config.token is not None)
+
+    def _failed(self, what: str, exc: DurableError) -> str:
+        refused = self.refusal(exc)
+        return f"{what}: {refused if refused is not None else exc}"
 
     async def _watch_status(self, session: Session) -> None:
         self.status_bar.connection = session.status
@@ -423,7 +444,7 @@ class ChatApp(App[None]):
             else:
                 await session.send_message(text)
         except DurableError as exc:
-            self.notify(f"not sent: {exc}", severity="error")
+            self.notify(self._failed("not sent", exc), severity="error")
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # False hides the key from the footer: each is shown only while it can act.
@@ -449,7 +470,7 @@ class ChatApp(App[None]):
         try:
             await self.session.approve(request.turn_id, request.request_id, approved=approved)
         except DurableError as exc:
-            self.notify(f"not answered: {exc}", severity="error")
+            self.notify(self._failed("not answered", exc), severity="error")
 
     async def action_retry(self) -> None:
         """Ask the last turn's question again: a new turn with the same text and
@@ -462,7 +483,7 @@ class ChatApp(App[None]):
                 turn.message.text, to=turn.message.to, retry_of=turn.turn_id
             )
         except DurableError as exc:
-            self.notify(f"not retried: {exc}", severity="error")
+            self.notify(self._failed("not retried", exc), severity="error")
 
     async def action_stop(self) -> None:
         turn_id = self.streaming_turn()
@@ -471,7 +492,7 @@ class ChatApp(App[None]):
         try:
             await self.session.cancel(turn_id, reason="stopped from the terminal")
         except DurableError as exc:
-            self.notify(f"could not stop: {exc}", severity="error")
+            self.notify(self._failed("could not stop", exc), severity="error")
 
     def switch_session(self, session_id: str, *, new: bool) -> None:
         self.session_id = session_id
@@ -495,9 +516,9 @@ class ChatApp(App[None]):
     @work(group="recent")
     async def action_recent_sessions(self) -> None:
         try:
-            entries = await recent(self.config.server)
+            entries = await recent(self.config.server, token=self.config.token)
         except DurableError as exc:
-            self.notify(f"cannot list sessions: {exc}", severity="error")
+            self.notify(self._failed("cannot list sessions", exc), severity="error")
             return
         choice = await self.push_screen_wait(RecentScreen(entries))
         if choice:

@@ -11,6 +11,9 @@ import signal
 import sys
 from pathlib import Path
 
+from durable_client import DurableError
+
+from .._token import add_token_arguments, first_token, identity_of, refusal, token_from
 from .host import AgentHost, HostConfig
 from .openai import ModelConfig
 
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--pidfile", type=Path, help="write the process id here")
     parser.add_argument("--log-level", default="info")
+    add_token_arguments(parser)
     args = parser.parse_args(argv)
     if not 0.05 < args.lease_ttl <= 3600:
         parser.error("--lease-ttl must be more than 0.05 and at most 3600 seconds")
@@ -59,20 +63,30 @@ def main(argv: list[str] | None = None) -> None:
         model=model,
         state_dir=args.state_dir,
         lease_ttl=args.lease_ttl,
+        token=token_from(args),
+        identity=identity_of(first_token(args)),
     )
     if args.pidfile is not None:
         args.pidfile.parent.mkdir(parents=True, exist_ok=True)
         args.pidfile.write_text(str(os.getpid()))
+    code = 0
     try:
         asyncio.run(_run(config))
     except KeyboardInterrupt:
         pass
+    except DurableError as exc:
+        # One line, not a traceback: most often an access refusal (401/403).
+        print(
+            f"{parser.prog}: {refusal(exc, have_token=config.token is not None) or exc}",
+            file=sys.stderr,
+        )
+        code = 2
     finally:
         if args.pidfile is not None:
             with contextlib.suppress(OSError):
                 if args.pidfile.read_text() == str(os.getpid()):
                     args.pidfile.unlink()
-    sys.exit(0)
+    sys.exit(code)
 
 
 async def _run(config: HostConfig) -> None:

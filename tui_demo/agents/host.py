@@ -16,6 +16,13 @@ restarted with the same ``--state-dir`` keeps its name (the lease holder) and
 takes its unfinished replies back: the demo agent continues the text where
 the log stops; a model agent ends them cleanly (a chat-completions stream
 cannot be resumed).
+
+Against a server run with ``--auth`` the host uses one token (``--token``,
+``--token-file`` or ``$DURABLE_TOKEN``) for the index and every agent. The
+server wants every event's author to be the token's subject, so a token with
+``admin`` lets the host speak as both of its agents; any other token makes the
+main agent speak as the token's ``sub`` (kind ``agent``) and leaves the helper
+out, which needs a second identity.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -43,8 +50,10 @@ from durable_client import (
     Unfinished,
     new_id,
 )
+from durable_client.streams import TokenProvider
 
 from .._index import follow
+from .._token import Identity
 from . import demo
 from .openai import ModelConfig
 from .openai import answer as model_answer
@@ -65,6 +74,10 @@ class HostConfig:
     state_dir: Path | None = None
     #: Seconds a reply may go without a word before readers end it as abandoned.
     lease_ttl: float = 10.0
+    #: The access token for a server run with --auth (a string or a provider).
+    token: str | TokenProvider | None = None
+    #: Who the token speaks for (its unverified payload), to pick the agents' ids.
+    identity: Identity = field(default_factory=Identity)
 
 
 Answer = Callable[[Agent, IncomingTurn], Awaitable[None]]
@@ -94,6 +107,7 @@ async def run_agent(
     lease_ttl: float = 10.0,
     resume: Resume | None = None,
     on_turn: OnTurn | None = None,
+    token: str | TokenProvider | None = None,
 ) -> None:
     """Answer the turns of one session as ``author``, one at a time, until cancelled.
 
@@ -103,7 +117,7 @@ async def run_agent(
     claims first, is left alone.
     """
     async with (
-        Session(server, session_id, author=author) as session,
+        Session(server, session_id, author=author, token=token) as session,
         Agent(
             session,
             start="beginning",
@@ -157,6 +171,17 @@ def host_name(state_dir: Path | None) -> str:
     return name
 
 
+def agents_for(config: HostConfig) -> tuple[Author, Author | None]:
+    """The main agent and the helper (``None``: left out) for the host's token."""
+    identity = config.identity
+    if config.token is None or identity.admin or identity.sub is None:
+        return ASSISTANT, HELPER
+    name = identity.name or ASSISTANT.name
+    if identity.sub != ASSISTANT.id and config.helper:
+        log.info("the token speaks as %s only: the helper agent needs an admin token", identity.sub)
+    return Author.agent(identity.sub, name), None
+
+
 class AgentHost:
     def __init__(self, config: HostConfig) -> None:
         self.config = config
@@ -168,6 +193,7 @@ class AgentHost:
         else:
             self.offsets = MemoryOffsetStore()
         self.holder = host_name(config.state_dir)
+        self.assistant, self.helper = agents_for(config)
 
     def _main_answer(self) -> Answer:
         config = self.config
@@ -199,13 +225,13 @@ class AgentHost:
         if session_id in self.sessions:
             return
         log.info("serving session %s", session_id)
-        tasks = [self._task(session_id, ASSISTANT, self._main_answer(), self._resume())]
-        if self.config.helper and self.config.agent == "demo":
+        tasks = [self._task(session_id, self.assistant, self._main_answer(), self._resume())]
+        if self.helper is not None and self.config.helper and self.config.agent == "demo":
 
             async def research(agent: Agent, turn: IncomingTurn) -> None:
                 await demo.research(agent, turn)
 
-            tasks.append(self._task(session_id, HELPER, research, None))
+            tasks.append(self._task(session_id, self.helper, research, None))
         self.sessions[session_id] = tasks
 
     def _task(
@@ -222,6 +248,7 @@ class AgentHost:
                     holder=self.holder,
                     lease_ttl=self.config.lease_ttl,
                     resume=resume,
+                    token=self.config.token,
                 )
             except DurableError as exc:
                 log.warning("agent %s left session %s: %s", author.id, session_id, exc)
@@ -231,7 +258,7 @@ class AgentHost:
     async def run(self) -> None:
         """Follow the index and serve every session in it, until cancelled."""
         try:
-            async for entry in follow(self.config.server):
+            async for entry in follow(self.config.server, token=self.config.token):
                 self.serve(entry.session_id)
         finally:
             tasks = [t for ts in self.sessions.values() for t in ts]
