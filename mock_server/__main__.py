@@ -188,6 +188,20 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         help="open WebSockets and live reads per token sub with --auth (default 64)",
     )
     auth.add_argument(
+        "--http-rate",
+        type=float,
+        default=1000.0,
+        metavar="N",
+        help="HTTP requests a second per token sub with --auth; over it 429 (default 1000)",
+    )
+    auth.add_argument(
+        "--http-burst",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="HTTP requests at once per token sub with --auth (default 2000)",
+    )
+    auth.add_argument(
         "--insecure",
         action="store_true",
         help="allow a non-loopback --host without --auth (anyone who reaches it has every right)",
@@ -257,6 +271,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         allow_origin=list(args.allow_origin),
         max_connections_per_ip=args.max_connections_per_ip,
         max_connections_per_subject=args.max_connections_per_subject,
+        http_rate=args.http_rate,
+        http_burst=args.http_burst,
         insecure=args.insecure,
     )
 
@@ -283,7 +299,12 @@ def _check_auth(parser: _Parser, args: argparse.Namespace) -> None:
         if any(key_options) or args.auth_issuer is not None:
             parser.error("the --auth-* and --allow-origin options need --auth")
         return
-    for option in ("max_connections_per_ip", "max_connections_per_subject"):
+    for option in (
+        "max_connections_per_ip",
+        "max_connections_per_subject",
+        "http_rate",
+        "http_burst",
+    ):
         if getattr(args, option) <= 0:
             parser.error(f"--{option.replace('_', '-')} must be positive")
     from ._server import Settings, authority_of

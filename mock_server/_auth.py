@@ -421,6 +421,48 @@ class _Counter:
             self.open.pop(key, None)
 
 
+class _RequestRate:
+    """HTTP requests per key (a token's ``sub``): a token bucket of ``burst``
+    requests refilled at ``rate`` a second; over it, 429 with ``Retry-After``.
+
+    Keyed by subject, not by connection: HTTP clients pool and reopen
+    connections at will, so a per-connection count would not bound anything.
+    Idle keys (a full bucket) are dropped once the table grows past ``MAX_KEYS``.
+    """
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def take(self, key: str) -> None:
+        now = self.clock()
+        tokens, at = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            raise AuthError(
+                429,
+                f"more than {self.rate:g} requests a second for this token",
+                retry_after=(1.0 - tokens) / self.rate,
+            )
+        self._buckets[key] = (tokens - 1.0, now)
+        if len(self._buckets) > self.MAX_KEYS:
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        full = [
+            key
+            for key, (tokens, at) in self._buckets.items()
+            if tokens + (now - at) * self.rate >= self.burst
+        ]
+        for key in full:
+            del self._buckets[key]
+
+
 class Authority:
     """The server's access policy with ``--auth``."""
 
@@ -433,6 +475,8 @@ class Authority:
         origins: Iterable[str] = (),
         max_connections_per_ip: int = 256,
         max_connections_per_subject: int = 64,
+        http_rate: float = 1000.0,
+        http_burst: int = 2000,
         authorize_cancel: CancelHook | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -444,6 +488,7 @@ class Authority:
         self.clock = clock
         self._per_ip = _Counter(max_connections_per_ip, "from this address")
         self._per_subject = _Counter(max_connections_per_subject, "for this subject")
+        self.requests = _RequestRate(http_rate, http_burst, time.monotonic)
 
     def verify(self, token: str | None) -> Grant:
         """The grant of ``token``; 401 if it is missing or does not verify."""

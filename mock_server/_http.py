@@ -520,6 +520,7 @@ class DurableStreamsApp:
             token = in_query[0]
         grant = authority.verify(token)
         req.grant = grant
+        authority.requests.take(grant.sub)
         name = stream_name(req.path)
         if name is None or name.split("/", 1)[0] == P.RESERVED_PREFIX:
             if not grant.server_admin:

@@ -65,6 +65,8 @@ class Settings:
     allow_origin: list[str] = field(default_factory=list)
     max_connections_per_ip: int = 256
     max_connections_per_subject: int = 64
+    http_rate: float = 1000.0  # HTTP requests a second per token sub with --auth ...
+    http_burst: int = 2000  # ... and how many at once; over it: 429 with Retry-After
     insecure: bool = False  # allow a non-loopback host without --auth
     authorize_cancel: CancelHook | None = None  # (claims, path, event) -> may it cancel?
     extra: dict[str, Any] = field(default_factory=dict)
@@ -139,6 +141,8 @@ def authority_of(settings: Settings) -> Authority | None:
         origins=settings.allow_origin,
         max_connections_per_ip=settings.max_connections_per_ip,
         max_connections_per_subject=settings.max_connections_per_subject,
+        http_rate=settings.http_rate,
+        http_burst=settings.http_burst,
         authorize_cancel=settings.authorize_cancel,
     )
 

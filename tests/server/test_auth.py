@@ -667,3 +667,34 @@ def test_the_per_address_cap_counts_every_subject() -> None:
             pass
     with authority.connection("10.0.0.1", grants[2]):  # the slots were given back
         pass
+
+
+# ---------------------------------------------------------------- request rate, per token
+
+
+async def test_a_token_over_its_request_rate_gets_429_and_changes_nothing(tmp_path: Path) -> None:
+    """HTTP requests are counted per token subject (connections are pooled, so a
+    per-connection count would bound nothing): a burst of 3, then 1 a second."""
+    from mock_server.testing import serve
+
+    async with serve(auth=True, auth_secret=SECRET, http_rate=1.0, http_burst=3) as running:
+        admin_token = hs(claims("root", ["*"], ["admin"]))
+        ann = hs(claims("ann", [VICTIM], ["read", "append", "create"]))
+        async with httpx.AsyncClient(base_url=running.url, timeout=10) as http:
+            url = f"{S}/{VICTIM}"
+            made = await http.put(url, headers={**bearer(ann), "content-type": "application/json"})
+            assert made.status_code == 201
+            for _ in range(2):
+                assert (await http.head(url, headers=bearer(ann))).status_code == 200
+            refused = await http.post(
+                url,
+                json=[{"type": "note", "text": "over the rate"}],
+                headers=bearer(ann),
+            )
+            assert refused.status_code == 429, refused.text
+            assert int(refused.headers["retry-after"]) >= 1
+            assert refused.json()["error"]["code"] == "rate_limited"
+            # Another subject has its own bucket, and the refused append wrote nothing.
+            read = await http.get(url, params={"offset": "-1"}, headers=bearer(admin_token))
+            assert read.status_code == 200
+            assert read.json() == []
