@@ -17,12 +17,11 @@ The rules are in ``_core.leases``. Here:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from ._core.leases import LeaseTable, OpenLease, reply_producer_id
-from ._errors import ClientClosed, DurableError, StaleEpoch
+from ._errors import ClientClosed, DurableError, FatalError, StaleEpoch
 from ._events import AnyEvent, EndReason, TurnEnd
 
 if TYPE_CHECKING:
@@ -198,7 +197,7 @@ class LeaseWatch:
 
     async def _end(self, lease: OpenLease) -> bool:
         quiet = f"{lease.ttl:g} s" if lease.ttl < 60 else f"{lease.ttl / 60:g} min"
-        with contextlib.suppress(ClientClosed):
+        try:
             won = await end_reply(
                 self._session,
                 lease.turn_id,
@@ -206,9 +205,18 @@ class LeaseWatch:
                 lease.generation,
                 error=f"the agent stopped responding (no word for {quiet})",
             )
-            if won:
-                log.info(
-                    "ended %s's reply in turn %s: its lease lapsed", lease.author_id, lease.turn_id
-                )
-            return won
-        return False
+        except ClientClosed:
+            return False
+        except FatalError as exc:  # e.g. a read-only token: someone else must end it
+            log.info(
+                "could not end %s's lapsed reply in turn %s: %s",
+                lease.author_id,
+                lease.turn_id,
+                exc,
+            )
+            return False
+        if won:
+            log.info(
+                "ended %s's reply in turn %s: its lease lapsed", lease.author_id, lease.turn_id
+            )
+        return won
