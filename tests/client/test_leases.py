@@ -304,7 +304,6 @@ async def test_an_agent_fenced_mid_reply_learns_it_and_writes_nothing_more(
                 wrote_first.set()
                 await proceed.wait()
                 await reply.write("after")
-                await asyncio.sleep(0)
                 await until(lambda: reply.fenced is not None, timeout=5)
                 await reply.write("never")
         except BaseException as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -33,7 +33,6 @@ from durable_client import (
     StreamClosed,
     StreamNotFound,
     StreamReplaced,
-    Subscription,
     Transcript,
     TurnEnd,
     UserMessage,
@@ -45,10 +44,12 @@ from durable_client.transports import (
     SessionTransport,
     UnboundTransport,
 )
+from tests.client._sessions import read_until
 
 URL = "memory://test"
 ANN = Author.user("ann")
 BOT = Author.agent("bot")
+
 FAST = ReconnectPolicy(initial_delay=0.001, max_delay=0.01)
 
 
@@ -60,18 +61,6 @@ def link_to(log: MemoryTransport, session_id: str = "s") -> SessionTransport:
 
 def session(log: MemoryTransport, author: Author = ANN, session_id: str = "s") -> Session:
     return Session(URL, session_id, author=author, transport=log, reconnect=FAST)
-
-
-async def read_until(
-    subscription: Subscription, done: Callable[[AnyEvent], bool], timeout: float = 5.0
-) -> list[AnyEvent]:
-    events: list[AnyEvent] = []
-    async with asyncio.timeout(timeout):
-        async for event in subscription:
-            events.append(event)
-            if done(event):
-                break
-    return events
 
 
 def texts(events: list[AnyEvent]) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.server import test_fuzz as fuzz
@@ -36,32 +36,21 @@ from tests.server.test_auth_common import (
     hs,
     snapshot,
 )
+from tests.server.test_websocket import Client
 
 __all__ = ["admin_http", "auth_server"]  # fixtures, imported to be found
 
 ANN = {"id": "ann", "kind": "user"}
 
 
-class Socket:
-    """A raw client that keeps the frames it got and awaits the ones a test asks for."""
+class Socket(Client):
+    """test_websocket's raw client, with longer waits (token lifetimes are seconds) and
+    a request/answer helper."""
 
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.frames: list[dict[str, Any]] = []
-        self._seen = 0
-
-    async def send(self, **frame: Any) -> None:
-        await self.ws.send(json.dumps(frame))
-
-    async def next(self, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        async with asyncio.timeout(10):
-            while True:
-                while self._seen < len(self.frames):
-                    frame = self.frames[self._seen]
-                    self._seen += 1
-                    if match(frame):
-                        return frame
-                self.frames.append(json.loads(await self.ws.recv()))
+    async def next(
+        self, match: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any]:
+        return await super().next(match, timeout)
 
     async def reply(self, **frame: Any) -> dict[str, Any]:
         """Send a frame with ``req`` (or ``sub``) and await the answer that names it."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 from textual.command import CommandPalette
 from textual.widgets import Markdown
 from textual.widgets._footer import FooterKey
@@ -334,17 +335,6 @@ async def test_snapshot_resumed_reply(chat: Chat, update: bool) -> None:
         await check(pilot, "resumed_reply", update)
 
 
-async def test_snapshot_pending_approval_at_80_columns(chat: Chat, update: bool) -> None:
-    chat.start_agent()
-    app = chat.app("alice")
-    async with app.run_test(size=(80, 24)) as pilot:
-        await send(pilot, SAVE_PROMPT)
-        await wait_for(pilot, lambda: app.pending_approval() is not None)
-        await wait_for(pilot, lambda: ("ctrl+y", "Approve") in footer_keys(app))
-        await wait_for(pilot, lambda: app.query_one(StatusBar).agents == "Assistant streaming")
-        await check(pilot, "approval_pending_80", update)
-
-
 async def test_snapshot_approved_reply(chat: Chat, update: bool) -> None:
     chat.start_agent(token_rate=2000.0)
     app = chat.app("alice")
@@ -358,14 +348,15 @@ async def test_snapshot_approved_reply(chat: Chat, update: bool) -> None:
         await check(pilot, "approved_reply", update)
 
 
-async def test_snapshot_pending_approval_at_60_columns(chat: Chat, update: bool) -> None:
+@pytest.mark.parametrize("width", [80, 60])
+async def test_snapshot_pending_approval(chat: Chat, update: bool, width: int) -> None:
     # Under 80 columns the chat drops its indents so the text keeps the room.
     chat.start_agent()
     app = chat.app("alice")
-    async with app.run_test(size=(60, 24)) as pilot:
+    async with app.run_test(size=(width, 24)) as pilot:
         await send(pilot, SAVE_PROMPT)
         await wait_for(pilot, lambda: app.pending_approval() is not None)
         await wait_for(pilot, lambda: ("ctrl+y", "Approve") in footer_keys(app))
         await wait_for(pilot, lambda: app.query_one(StatusBar).agents == "Assistant streaming")
-        assert "-narrow" in app.query_one(ChatLog).classes
-        await check(pilot, "approval_pending_60", update)
+        assert ("-narrow" in app.query_one(ChatLog).classes) == (width < 80)
+        await check(pilot, f"approval_pending_{width}", update)
